@@ -79,6 +79,10 @@ def test_spec_expands_arms_by_seeds_with_baseline(tmp_path):
     assert {p.config.train.lr for p in plans} == {0.01} and {p.config.train.batch_size for p in plans} == {64}
     assert plans[2].config.data.synth.mismatch == pytest.approx(0.4) and plans[3].config.seed == 1
     assert plans[3].run_dir == Path("runs") / "noise" / "noisy" / "seed-1"
+    _, one_seed = load_spec(spec, ["seeds=[1]", "train.batch_size=32"])
+    assert [(p.arm, p.seed, p.config.train.batch_size) for p in one_seed] == [("clean", 1, 32), ("noisy", 1, 32)]
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        load_spec(spec, ["seeds=[2, 2]"])
 
 
 def test_grid_spec_and_spec_errors(tmp_path):

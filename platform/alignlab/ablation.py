@@ -15,6 +15,8 @@ report_metrics: [retrieval/mean_R@1, zeroshot/shape/top1]
 report_plot: {x: data.synth.mismatch, group: loss.name, metrics: [retrieval/mean_R@1]}   # optional
 ```
 Every arm x seed is validated when the spec is loaded, so a typo fails before any work starts.
+Extra `key=value` overrides apply to every arm; the one reserved key `seeds` replaces the spec's seeds
+(`alignlab run ablations/psd.yaml seeds=[0]` for a one-seed look).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from alignlab.config import (
     ExperimentConfig,
     apply_overrides,
     load_yaml,
+    parse_override,
     validate_config,
 )
 
@@ -124,6 +127,11 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
     """Load and expand a spec; `extra_overrides` (key=value) apply to every arm, after the spec's own."""
     path = Path(path)
     raw = load_yaml(path)
+    extra = [parse_override(o) for o in extra_overrides or []]
+    for key, value in extra:
+        if key == "seeds":
+            raw["seeds"] = value if isinstance(value, list) else [value]
+    extra = [(key, value) for key, value in extra if key != "seeds"]
     try:
         spec = AblationSpec.model_validate(raw)
     except ValidationError as err:
@@ -135,7 +143,7 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
     else:
         base = spec.base
     base = apply_overrides(base, spec.overrides)
-    base = apply_overrides(base, extra_overrides or [])
+    base = apply_overrides(base, dict(extra))
     plans = []
     for arm, overrides in spec.arm_overrides().items():
         for seed in spec.seeds:
