@@ -26,7 +26,7 @@ CLUSTER = {"image": "registry.example/alignlab:1.2", "gpus": 2, "gpu_type": "nvi
            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
            "shm_size": "4Gi", "secrets": [{"secret": "s3-creds", "env": {"key": "AWS_ACCESS_KEY_ID"}}],
            "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, "pvc": "work", "workdir": "/work",
-           "retries": 3, "retry_backoff": "30s"}
+           "retries": 3, "retry_backoff": "30s", "nproc_per_node": 2, "torchx_queue": "gpu-queue"}
 
 
 def _ir(path: Path) -> tuple[dict, dict]:
@@ -75,8 +75,13 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
                                                           ["constant"])).data).as_posix()
             for t in data.values()} == {Path(r).as_posix() for r in roots}
     assert all(t["cachingOptions"] == {"enableCache": True} and "dependentTasks" not in t for t in data.values())
-    # data -> runs (train -> evaluate per arm x seed) -> report
-    assert set(root) == set(data) | {"runs", "report"}
+    # data -> runs (train -> evaluate per arm x seed) -> report (-> gate, for specs with a gate: nightly)
+    assert set(root) == set(data) | {"runs", "report"} | ({"gate"} if spec.gate else set())
+    if spec.gate:
+        gate = root["gate"]
+        assert gate["dependentTasks"] == ["report", "runs"] and gate["cachingOptions"] == {}
+        assert gate["inputs"]["parameters"]["rules_yaml"]["runtimeValue"]["constant"] == \
+            Path(spec.gate.rules).read_text()  # embedded: the compiling machine's path means nothing in a pod
     assert sorted(root["runs"]["dependentTasks"]) == sorted(data)
     assert root["report"]["dependentTasks"] == ["runs"] and root["report"]["cachingOptions"] == {}
     report_in = root["report"]["inputs"]["parameters"]
@@ -91,6 +96,9 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
     assert set(body) == {"train", "evaluate"}
     assert body["train"]["inputs"]["parameters"]["pipeline_run_id"]["runtimeValue"]["constant"] == \
         "{{$.pipeline_job_uuid}}"  # a retry of train resumes the checkpoints of its own pipeline run
+    launch = json.loads(body["train"]["inputs"]["parameters"]["launch_json"]["runtimeValue"]["constant"])
+    assert launch == {"nproc_per_node": 2, "nnodes": 1, "scheduler": "kubernetes", "image": "registry.example/alignlab:1.2",
+                      "gpu": 2, "scheduler_cfg": {"queue": "gpu-queue"}, "mounts": ["type=volume,src=work,dst=/work"]}
     assert body["evaluate"]["dependentTasks"] == ["train"]
     assert body["evaluate"]["inputs"]["parameters"]["trained"]["taskOutputParameter"]["producerTask"] == "train"
     for name in ("train", "evaluate"):
@@ -106,7 +114,7 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
         assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "4Gi",
                                           "volumeName": "dshm"}]
-    for name, task in [*data.items(), ("report", root["report"])]:
+    for name, task in [*data.items(), ("report", root["report"]), *([("gate", root["gate"])] if spec.gate else [])]:
         assert "retryPolicy" not in task
         executor = ir["deploymentSpec"]["executors"][_executor(ir, task)]["container"]
         assert "accelerator" not in executor.get("resources", {})

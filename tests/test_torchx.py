@@ -158,3 +158,32 @@ def test_written_torchx_command_builds_the_same_job(tmp_path):
     pod = yaml.safe_load(ours)["spec"]["tasks"][0]["template"]["spec"]
     assert {"name": "mount-0", "persistentVolumeClaim": {"claimName": "alignlab-runs"}} in pod["volumes"]
     assert {"mountPath": "/data", "name": "mount-1", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def test_pipeline_train_step_launches_torchx_and_evaluate_step_finishes_its_mlflow_run(
+        tiny_config, single_process_losses, tmp_path, monkeypatch):
+    """The KFP train step with 2 processes: it creates the MLflow run, TorchX trains (`--train-only`, rank 0
+    logging into that run), and the evaluate step re-attaches, writes results.json and ends the run."""
+    from mlflow.tracking import MlflowClient
+
+    from alignlab_components.steps import evaluate_step, train_step
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = yaml.safe_load(tiny_config.read_text()) | {"tracking": {"enabled": True, "tracking_uri": uri}}
+    run = {"arm": "ddp", "seed": tree["seed"], "run_dir": str(tmp_path / "runs" / "ddp" / "seed-3"),
+           "config_json": json.dumps(tree)}
+    trained = train_step(run, "torchx-step", launch={"nproc_per_node": 2, "scheduler": "local_cwd"})
+
+    run_dir = Path(run["run_dir"])
+    assert (run_dir / "torchx" / "appdef.json").is_file() and trained["steps"] == STEPS
+    np.testing.assert_allclose(_losses(run_dir), single_process_losses, rtol=1e-4)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(trained["mlflow_run_id"]).info.status == "RUNNING"  # open until evaluate ends it
+    record = evaluate_step(trained)
+    mlflow_run = client.get_run(trained["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["alignlab.world_size"] == "2"
+    history = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "loss")]
+    np.testing.assert_allclose(history, single_process_losses, rtol=1e-4)
+    assert record["metrics"]["final_loss"] == pytest.approx(single_process_losses[-1], rel=1e-4)
+    assert json.loads((run_dir / "results.json").read_text()) == record["metrics"]

@@ -185,3 +185,21 @@ def test_records_from_mlflow_keeps_finished_runs(store):
     assert "Left out 2 run(s)" in table.to_markdown()
     with pytest.raises(ValueError, match="no runs tagged"):
         records_from_mlflow(uri, "no-such-ablation")
+
+
+def test_attach_reopens_an_open_run_and_refuses_ended_or_unknown_ones(store):
+    """A later pipeline step adds to the run an earlier step created (RunTracker.attach)."""
+    _, uri = store
+    first = RunTracker.start(uri, "attach", "arm/seed-0", {}, {"lr": 0.1})
+    first.log_metrics({"loss": 2.0}, step=5)
+    later = RunTracker.attach(uri, first.run_id)
+    later.log_metrics({"zeroshot/top1": 42.0}, step=5)
+    later.end("FINISHED")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert run.data.metrics["loss"] == 2.0 and len(client.get_metric_history(first.run_id, "zeroshot/top1")) == 1
+    with pytest.raises(ValueError, match="already ended"):
+        RunTracker.attach(uri, first.run_id)
+    with pytest.raises(ValueError, match="does not exist"):
+        RunTracker.attach(uri, "f" * 32)

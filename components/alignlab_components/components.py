@@ -32,17 +32,19 @@ def prepare_data(config_json: str, workdir: str) -> str:
     return json.dumps(prepare_data_step(json.loads(config_json)))
 
 
-def train(run: dict, ablation: str, workdir: str, resume: bool, pipeline_run_id: str) -> str:
+def train(run: dict, ablation: str, workdir: str, resume: bool, pipeline_run_id: str, launch_json: str = "{}") -> str:
     """Train one arm x seed (`run`: {"arm", "seed", "run_dir", "config_json"}); writes final.pt, returns the
     hand-off for the evaluate step as JSON. A retry within the same pipeline run (`pipeline_run_id`, given
-    dsl.PIPELINE_JOB_ID_PLACEHOLDER) resumes from the run's newest checkpoint."""
+    dsl.PIPELINE_JOB_ID_PLACEHOLDER) resumes from the run's newest checkpoint. `launch_json`: the TorchX
+    launch settings; more than one process in all trains through a TorchX dist.ddp job."""
     import json
     import os
 
     os.chdir(workdir)
     from alignlab_components.steps import train_step
 
-    return json.dumps(train_step(run, ablation, resume=resume, pipeline_run_id=pipeline_run_id))
+    return json.dumps(train_step(run, ablation, resume=resume, pipeline_run_id=pipeline_run_id,
+                                 launch=json.loads(launch_json)))
 
 
 def evaluate(trained: str, workdir: str) -> str:
@@ -73,7 +75,25 @@ def report(results: list, spec_json: str, workdir: str, report_md: Output[Markdo
     return report["printed"]
 
 
-STEP_FUNCTIONS: tuple[Callable, ...] = (prepare_data, train, evaluate, report)
+def gate(results: list, spec_json: str, rules_yaml: str, workdir: str, gate_md: Output[Markdown]) -> str:
+    """The regression gate of a spec with a `gate` section (the nightly suite) over every run's record;
+    writes runs/<ablation>/gate/gate.{md,json} (gate.md also as the `gate_md` artifact) and fails the step
+    when the gate flags a regression. Returns the status: ok or insufficient_history."""
+    import json
+    import os
+    import shutil
+
+    os.chdir(workdir)
+    from alignlab_components.steps import gate_step
+
+    outcome = gate_step([json.loads(r) for r in results], json.loads(spec_json), rules_yaml)
+    shutil.copyfile(os.path.join(outcome["gate_dir"], "gate.md"), gate_md.path)
+    if outcome["status"] == "regression":
+        raise RuntimeError(outcome["printed"] + "\nnightly gate: REGRESSION (a violation repeated; see gate.md)")
+    return outcome["status"]
+
+
+STEP_FUNCTIONS: tuple[Callable, ...] = (prepare_data, train, evaluate, report, gate)
 
 
 def make_component(func: Callable, image: str = DEFAULT_IMAGE):

@@ -1,12 +1,15 @@
 """The ablation steps as plain functions: what each KFP component runs, callable without KFP.
 
-The steps split the inline runner's `alignlab.experiment.run_experiment` at the checkpoint and keep its
-run-folder layout (README "Where results go"), so `alignlab report` and the inline runner read their output:
+The steps are the core's own pieces of `alignlab.experiment.run_experiment` (prepare_data, start_run_tracking,
+train_run, finish_run), split at the checkpoint, so they keep the inline runner's run-folder layout (README
+"Where results go") and `alignlab report` and the inline runner read their output:
 
   prepare_data_step  SynthCaps generated once into data/synthcaps-<hash> (reused when already there)
-  train_step         config.yaml, metrics.jsonl, checkpoints/, final.pt; creates the MLflow run
-  evaluate_step      loads final.pt, writes eval/ and results.json; completes and ends the same MLflow run
+  train_step         config.yaml, metrics.jsonl, checkpoints/, final.pt; creates the MLflow run; with more
+                     than one process, a TorchX dist.ddp job does the training
+  evaluate_step      evaluates final.pt, writes eval/ and results.json; completes and ends the same MLflow run
   report_step        report.{md,csv,json} over the evaluate steps' records (the fan-in)
+  gate_step          (specs with a `gate`, e.g. the nightly suite) regression gate against earlier MLflow runs
 
 Train and evaluate run in separate processes (pods on a cluster): train hands evaluate a small dict with the
 checkpoint path and the MLflow run id, and evaluate re-opens that run by id. Each step runs in a fresh
@@ -16,8 +19,6 @@ process, so each imports only what it needs (torch alone takes seconds to import
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import yaml
@@ -46,17 +47,23 @@ def _run_config(run: dict) -> ExperimentConfig:
                            source=f"config of arm {run['arm']!r} seed {run['seed']}")
 
 
-def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_id: str | None = None) -> dict:
+def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_id: str | None = None,
+               launch: dict | None = None) -> dict:
     """Train one arm x seed into `run["run_dir"]`; returns what the evaluate step needs.
 
     `run` is one ParallelFor item: {"arm", "seed", "run_dir", "config_json": the resolved config}. With `resume`,
     a run that already has results.json is kept (`finished`: True) and an interrupted one continues from its
     newest checkpoint, as `alignlab run --resume` does inline. A retry within the same pipeline run (the run
     folder records `pipeline_run_id`) always continues from its newest checkpoint.
+
+    `launch` (the pipeline settings' TorchX part): {"nproc_per_node", "nnodes", "scheduler", "scheduler_cfg",
+    "image", "cpu", "gpu", "memMB", "mounts"}. With more than one process in all, this step creates the MLflow
+    run, then runs `alignlab train --train-only --mlflow-run-id ...` as a TorchX `dist.ddp` job (`local_cwd`:
+    processes here; `kubernetes`: a Volcano job) and waits for it; otherwise it trains in this process.
     """
-    from alignlab.tracking import resolve_tracking_uri, summarise_history
+    from alignlab.experiment import end_tracking_on_error, start_run_tracking, train_run
+    from alignlab.tracking import resolve_tracking_uri
     from alignlab.training import builders
-    from alignlab.training.trainer import train
 
     cfg = _run_config(run)
     arm, run_dir = run["arm"], Path(run["run_dir"])
@@ -74,82 +81,60 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     if pipeline_run_id:
         resume = resume or (marker.is_file() and marker.read_text() == pipeline_run_id)
         marker.write_text(pipeline_run_id)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tracker = _start_tracker(cfg, ablation, arm, run_dir, data_root) if cfg.tracking.enabled else None
+    launch = dict(launch or {})
+    world_size = int(launch.get("nproc_per_node", 1)) * int(launch.get("nnodes", 1))
+    tracker = start_run_tracking(cfg, run_dir, data_root, ablation=ablation, arm=arm, world_size=world_size)
     try:
-        tic = time.perf_counter()
-        result = train(cfg, run_dir, resume=resume, on_metrics=tracker.log_metrics if tracker else None)
-        metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")}
-                                     for h in result.history])
-        metrics["train_seconds"] = time.perf_counter() - tic
-        if tracker:
-            tracker.log_summary(metrics)
-            tracker.log_artifact(run_dir / "config.yaml")
-            if result.final_checkpoint:
-                tracker.log_artifact(result.final_checkpoint, artifact_path="checkpoint")
+        if world_size > 1:
+            trained = _train_with_torchx(cfg, run_dir, launch, resume=resume, tracker=tracker)
+        else:
+            trained = train_run(cfg, run_dir, tracker=tracker, resume=resume)
     except BaseException as err:
-        if tracker:
-            tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        end_tracking_on_error(tracker, err)
         raise
     # The MLflow run stays open on success: the evaluate step adds its metrics and ends it.
-    return handoff | {"steps": result.steps, "train_metrics": metrics,
+    return handoff | {"steps": trained.steps, "train_metrics": trained.metrics,
                       "tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri) if tracker else None,
                       "mlflow_run_id": tracker.run_id if tracker else None}
 
 
-def _start_tracker(cfg: ExperimentConfig, ablation: str, arm: str, run_dir: Path, data_root: Path):
-    """The same run, tags and params as `run_experiment` logs (parent from $ALIGNLAB_PARENT_RUN_ID)."""
-    from alignlab.experiment import dataset_hash
-    from alignlab.tracking import RunTracker, flatten_params, git_commit
+def _train_with_torchx(cfg: ExperimentConfig, run_dir: Path, launch: dict, *, resume: bool, tracker):
+    """`alignlab train --train-only` as a TorchX dist.ddp job; rank 0 logs into this step's MLflow run."""
+    from alignlab.experiment import load_train_outcome
+    from alignlab_components.torchx_launch import launch_train
 
-    tags = {"alignlab.ablation": ablation, "alignlab.arm": arm, "alignlab.seed": str(cfg.seed),
-            "alignlab.git_commit": git_commit(), "alignlab.dataset_hash": dataset_hash(data_root),
-            "alignlab.run_dir": str(run_dir.resolve()), "alignlab.world_size": "1"}
-    return RunTracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment or ablation,
-                            run_name=f"{arm}/seed-{cfg.seed}", tags=tags, params=flatten_params(config_to_dict(cfg)),
-                            parent_run_id=os.environ.get("ALIGNLAB_PARENT_RUN_ID"))
-
-
-def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: str | None = None) -> dict:
-    """The core's `alignlab.experiment.evaluate_checkpoint` (kept here for the step functions' callers)."""
-    from alignlab.experiment import evaluate_checkpoint as core_evaluate
-
-    return core_evaluate(checkpoint, out_dir, data_root)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    train_args = ["--train-only"] + (["--resume"] if resume else [])
+    if tracker:
+        train_args += ["--mlflow-run-id", tracker.run_id]
+    options = {k: launch[k] for k in ("image", "cpu", "gpu", "memMB", "mounts", "env") if launch.get(k) is not None}
+    launch_train(config_path, [], run_dir, int(launch.get("nproc_per_node", 1)), int(launch.get("nnodes", 1)),
+                 scheduler=launch.get("scheduler", "local_cwd"), scheduler_cfg=launch.get("scheduler_cfg"),
+                 train_args=train_args, **options)
+    return load_train_outcome(run_dir)
 
 
 def evaluate_step(trained: dict) -> dict:
     """Evaluate the train step's checkpoint, write results.json and finish the run's MLflow run.
 
     Returns {"arm", "seed", "run_dir", "metrics"}: one record of the ablation report."""
+    from alignlab.experiment import TrainOutcome, end_tracking_on_error, finish_run
+    from alignlab.tracking import RunTracker
+
     run_dir = Path(trained["run_dir"])
     record = {"arm": trained["arm"], "seed": trained["seed"], "run_dir": str(run_dir)}
     results = run_dir / RESULTS_FILE
     if trained["finished"] and results.is_file():
         return record | {"metrics": json.loads(results.read_text())}
-    tracker = None
-    if trained.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        from alignlab.tracking import RunTracker
-
-        tracker = RunTracker(MlflowClient(tracking_uri=trained["tracking_uri"]), trained["mlflow_run_id"])
+    cfg = _stored_config(run_dir)
+    tracker = RunTracker.attach(trained["tracking_uri"], trained["mlflow_run_id"]) if trained.get("mlflow_run_id") \
+        else None
+    outcome = TrainOutcome(int(trained["steps"]), dict(trained["train_metrics"]), Path(trained["checkpoint"]))
     try:
-        metrics = dict(trained["train_metrics"])
-        evaluation = {}
-        if trained["evaluate"]:
-            suite = evaluate_checkpoint(trained["checkpoint"], run_dir / "eval")
-            evaluation = {k: v for k, v in suite.items() if isinstance(v, (int, float))}
-        metrics |= evaluation
-        results.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if tracker:
-            tracker.log_metrics(evaluation, step=int(trained["steps"]))
-            tracker.log_artifact(results)
-            if (run_dir / "eval").is_dir():
-                tracker.log_artifact(run_dir / "eval", artifact_path="eval")
-            tracker.end("FINISHED")
+        metrics = finish_run(cfg, run_dir, outcome, tracker=tracker)
     except BaseException as err:
-        if tracker:
-            tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        end_tracking_on_error(tracker, err)
         raise
     return record | {"metrics": metrics}
 
@@ -171,6 +156,28 @@ def report_step(results: list[dict], spec: dict) -> dict:
     printed: list[str] = []
     out_dir = report_ablation(ablation, plans, print_fn=printed.append)
     return {"report_dir": str(out_dir), "printed": "\n".join(printed)}
+
+
+def gate_step(results: list[dict], spec: dict, rules_yaml: str) -> dict:
+    """The nightly gate after the report: the core's `gate_ablation` over the evaluate steps' runs, with the
+    rules given as YAML text (embedded at compile time: the compiling machine's path means nothing in a pod).
+    Writes runs/<ablation>/gate/gate.{md,json} (and the spec's Prometheus exports); returns {"status",
+    "gate_dir", "printed"}. The component fails on status "regression", so the KFP run shows it."""
+    from alignlab.ablation import AblationSpec, RunPlan
+    from alignlab.experiment import ablation_dir, gate_ablation
+
+    ablation = AblationSpec.model_validate(spec)
+    plans = [RunPlan(ablation=ablation.name, arm=r["arm"], seed=r["seed"], config=_stored_config(Path(r["run_dir"])))
+             for r in results]
+    rules = ablation_dir(plans) / "gate" / "rules.yaml"
+    rules.parent.mkdir(parents=True, exist_ok=True)
+    rules.write_text(rules_yaml)
+    gate = ablation.gate.model_copy(update={"rules": str(rules)}) if ablation.gate else None
+    if gate is None:
+        raise ValueError(f"ablation {ablation.name} has no `gate` section; the gate step needs one")
+    printed: list[str] = []
+    result = gate_ablation(ablation.model_copy(update={"gate": gate}), plans, print_fn=printed.append)
+    return {"status": result.status, "gate_dir": str(rules.parent), "printed": "\n".join(printed)}
 
 
 def _stored_config(run_dir: Path) -> ExperimentConfig:

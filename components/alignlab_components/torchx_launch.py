@@ -50,14 +50,16 @@ class LaunchResult(NamedTuple):
 def build_train_appdef(config_path: str | Path, overrides: list[str], run_dir: str | Path, nproc_per_node: int,
                        nnodes: int = 1, *, image: str = DEFAULT_IMAGE, cpu: int = 2, gpu: int = 0,
                        memMB: int = 4096, env: dict[str, str] | None = None, name: str | None = None,
-                       mounts: list[str] | None = None, rdzv_port: int = 29500, max_retries: int = 0) -> AppDef:
+                       mounts: list[str] | None = None, rdzv_port: int = 29500, max_retries: int = 0,
+                       train_args: list[str] | None = None) -> AppDef:
     """The `dist.ddp` AppDef (`-j {nnodes}x{nproc_per_node}`) of `alignlab train CONFIG overrides --run-dir`.
 
     `cpu`, `gpu`, `memMB` are per node (replica). `config_path` and `run_dir` are paths as the job sees them
     (inside the image for kubernetes). `name` is `{experiment}/{run}` in TorchX's format; default:
     `alignlab/<parent folder>-<run folder>` of run_dir. `mounts` (kubernetes; local_cwd ignores them): TorchX
     mount strings, e.g. `type=volume,src=PVC,dst=/mnt/runs` (a PersistentVolumeClaim) or
-    `type=bind,src=/host,dst=/job,readonly`.
+    `type=bind,src=/host,dst=/job,readonly`. `train_args`: extra `alignlab train` flags (e.g. `--train-only`,
+    `--mlflow-run-id ID`, `--resume`).
     """
     for field, value in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("cpu", cpu), ("memMB", memMB)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -70,7 +72,7 @@ def build_train_appdef(config_path: str | Path, overrides: list[str], run_dir: s
     if gpu and nproc_per_node > gpu:
         raise ValueError(f"nproc_per_node={nproc_per_node} exceeds gpu={gpu} per node: one process per GPU")
     run_name = name or _default_name(run_dir)
-    args = ["train", str(config_path), *overrides, "--run-dir", str(run_dir)]
+    args = ["train", str(config_path), *overrides, "--run-dir", str(run_dir), *(train_args or [])]
     # TorchX parses mounts from the comma-split words of its CLI flag.
     mount_words = [word for mount in mounts or [] for word in mount.split(",")] or None
     return ddp(*args, m="alignlab.cli", image=image, name=run_name, cpu=cpu, gpu=gpu, memMB=memMB,
@@ -82,7 +84,7 @@ def torchx_run_command(scheduler: str, scheduler_cfg: dict[str, str], config_pat
                        overrides: list[str], run_dir: str | Path, nproc_per_node: int, nnodes: int = 1, *,
                        image: str = DEFAULT_IMAGE, cpu: int = 2, gpu: int = 0, memMB: int = 4096,
                        env: dict[str, str] | None = None, name: str | None = None,
-                       mounts: list[str] | None = None) -> str:
+                       mounts: list[str] | None = None, train_args: list[str] | None = None) -> str:
     """The `torchx run` command line that submits the same job as `launch_train` (env values redacted).
 
     `--workspace ""` stops the CLI from building a Docker image of the current folder."""
@@ -95,7 +97,8 @@ def torchx_run_command(scheduler: str, scheduler_cfg: dict[str, str], config_pat
         words += ["--env", ",".join(f"{k}={v}" for k, v in _redacted(env).items())]
     if mounts:
         words += ["--mounts", ",".join(mounts)]
-    words += ["-m", "alignlab.cli", "train", str(config_path), *overrides, "--run-dir", str(run_dir)]
+    words += ["-m", "alignlab.cli", "train", str(config_path), *overrides, "--run-dir", str(run_dir),
+              *(train_args or [])]
     return shlex.join(words)
 
 
@@ -103,7 +106,8 @@ def launch_train(config_path: str | Path, overrides: list[str], run_dir: str | P
                  nnodes: int = 1, *, scheduler: str = "local_cwd", scheduler_cfg: dict[str, str] | None = None,
                  dryrun: bool = False, image: str = DEFAULT_IMAGE, cpu: int = 2, gpu: int = 0, memMB: int = 4096,
                  env: dict[str, str] | None = None, name: str | None = None, mounts: list[str] | None = None,
-                 spec_dir: str | Path | None = None, wait_interval: float = 1.0) -> LaunchResult:
+                 spec_dir: str | Path | None = None, wait_interval: float = 1.0,
+                 train_args: list[str] | None = None) -> LaunchResult:
     """Write the AppDef and the scheduler's dry-run request to `spec_dir` (default `<run_dir>/torchx`), then,
     unless `dryrun`, submit the job and wait for it.
 
@@ -124,7 +128,8 @@ def launch_train(config_path: str | Path, overrides: list[str], run_dir: str | P
     spec_dir.mkdir(parents=True, exist_ok=True)
     if local:
         cfg.setdefault("log_dir", str((spec_dir / "logs").resolve()))
-    resources = {"image": image, "cpu": cpu, "gpu": gpu, "memMB": memMB, "env": env, "name": name, "mounts": mounts}
+    resources = {"image": image, "cpu": cpu, "gpu": gpu, "memMB": memMB, "env": env, "name": name, "mounts": mounts,
+                 "train_args": train_args}
     app = build_train_appdef(config_path, overrides, run_dir, nproc_per_node, nnodes, **resources)
     if local:
         # torchrun must be the one beside this interpreter, even when the venv is not activated.

@@ -7,6 +7,10 @@
         │                                                        dsl.Collected(evaluate))
         ▼
   report (fan-in of every run's record) -> runs/<ablation>/report.{md,csv,json}
+        │
+        ▼
+  gate (only for specs with a `gate`: the nightly suite) -> runs/<ablation>/gate/gate.{md,json}; fails on a
+        regression
 
 The loop sits in its own sub-pipeline rather than next to `report` because kfp's local runner (2.16) runs a
 DAG's plain tasks before its loops, so a task after a loop at the same level would run first; nested, the
@@ -76,7 +80,8 @@ def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: Pipel
     def runs(workdir: str, resume: bool) -> list:
         with dsl.ParallelFor(items, parallelism=settings.parallelism or None) as run:
             trained = ops["train"](run=run, ablation=spec.name, workdir=workdir, resume=resume,
-                                   pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                                   pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                   launch_json=json.dumps(torchx_launch(settings)))
             evaluated = ops["evaluate"](trained=trained.output, workdir=workdir)
             for task in (trained, evaluated):
                 _compute_step(task, settings).set_caching_options(settings.cache_training)
@@ -93,9 +98,25 @@ def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: Pipel
         trained = runs(workdir=workdir, resume=resume).after(*data).set_caching_options(settings.cache_training)
         summary = ops["report"](results=trained.output, spec_json=spec.model_dump_json(), workdir=workdir)
         _shared_step(summary, settings).set_caching_options(False)
+        if spec.gate is not None:
+            gate = ops["gate"](results=trained.output, spec_json=spec.model_dump_json(),
+                               rules_yaml=Path(spec.gate.rules).read_text(), workdir=workdir).after(summary)
+            _shared_step(gate, settings).set_caching_options(False)
         return summary.outputs["Output"]
 
     return ablation_pipeline
+
+
+def torchx_launch(settings: PipelineSettings) -> dict:
+    """The train step's TorchX launch settings (`alignlab_components.steps.train_step`): one process per GPU
+    (`nproc_per_node`) on `nnodes` nodes; the job mounts the pipeline's volume at the same path."""
+    launch = {"nproc_per_node": settings.nproc_per_node, "nnodes": settings.nnodes,
+              "scheduler": settings.torchx_scheduler, "image": settings.image, "gpu": settings.gpus}
+    if settings.torchx_scheduler == "kubernetes":
+        launch["scheduler_cfg"] = {"queue": settings.torchx_queue}
+        if settings.pvc:
+            launch["mounts"] = [f"type=volume,src={settings.pvc},dst={settings.workdir}"]
+    return launch
 
 
 def _shared_step(task, settings: PipelineSettings):

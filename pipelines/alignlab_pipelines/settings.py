@@ -7,6 +7,8 @@ on a laptop and on a cluster. Which step gets what:
   every step           image, pvc (mounted at workdir), env, secrets
   train and evaluate   gpus / gpu_type, cpu / memory (requests and limits), node_selector, tolerations,
                        shm_size (a memory-backed /dev/shm for DataLoader workers), retries
+  train (distributed)  nproc_per_node x nnodes > 1: the train step launches TorchX dist.ddp on
+                       torchx_scheduler (kubernetes: Volcano queue torchx_queue, the PVC mounted at workdir)
   caching              prepare-data: cache_data (deterministic: same config -> same dataset);
                        train and evaluate: cache_training (off: a re-submitted run trains again);
                        report: off (it reads what the runs wrote)
@@ -68,6 +70,12 @@ class PipelineSettings(BaseModel):
     retries: int = Field(2, ge=0, description="Retries of train and evaluate (train resumes its checkpoints).")
     retry_backoff: str = Field("60s", pattern=_DURATION)
     parallelism: int = Field(0, ge=0, description="Runs at the same time on a cluster (0: no limit).")
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per node (one per GPU); > 1 in all "
+                                "launches a TorchX dist.ddp job from the train step.")
+    nnodes: int = Field(1, ge=1, description="Nodes of the TorchX training job.")
+    torchx_scheduler: Literal["kubernetes", "local_cwd"] = Field(
+        "kubernetes", description="kubernetes: a Volcano job beside the pipeline; local_cwd: processes in the step.")
+    torchx_queue: str = Field("default", min_length=1, description="Volcano queue of the TorchX job.")
     cache_data: bool = True
     cache_training: bool = False
 

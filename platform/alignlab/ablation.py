@@ -13,6 +13,7 @@ seeds: [0, 1]
 baseline: clean
 report_metrics: [retrieval/mean_R@1, zeroshot/shape/top1]
 report_plot: {x: data.synth.mismatch, group: loss.name, metrics: [retrieval/mean_R@1]}   # optional
+gate: {rules: gates/nightly_gate.yaml}   # optional: regression gate against earlier runs (nightly)
 ```
 Every arm x seed is validated when the spec is loaded, so a typo fails before any work starts.
 Extra `key=value` overrides apply to every arm; the one reserved key `seeds` replaces the spec's seeds
@@ -49,6 +50,17 @@ class ReportPlot(BaseModel):
     metrics: list[str] = Field(min_length=1)
 
 
+class GateSpec(BaseModel):
+    """A regression gate after the report (the nightly suite): each run against the earlier runs of its arm
+    in MLflow, with the rules of `alignlab gate --rules` (see ablations/gates/nightly_gate.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: str = Field(min_length=1, description="Gate rules YAML, relative to the spec file.")
+    textfile: str | None = Field(None, description="Also write the gauges to this Prometheus textfile (*.prom).")
+    pushgateway: str | None = Field(None, description="Also push the gauges to this Pushgateway URL.")
+
+
 class AblationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +74,7 @@ class AblationSpec(BaseModel):
     baseline: str | None = None
     report_metrics: list[str] | None = None
     report_plot: ReportPlot | None = None
+    gate: GateSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "AblationSpec":
@@ -137,6 +150,11 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
     except ValidationError as err:
         lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"invalid ablation spec {path}:\n" + "\n".join(lines)) from None
+    if spec.gate is not None:
+        rules = (path.parent / spec.gate.rules).resolve()
+        if not rules.is_file():
+            raise ConfigError(f"invalid ablation spec {path}:\n  gate.rules: {rules} does not exist")
+        spec = spec.model_copy(update={"gate": spec.gate.model_copy(update={"rules": str(rules)})})
     if isinstance(spec.base, str):
         base_path = (path.parent / spec.base).resolve()
         base = load_yaml(base_path)

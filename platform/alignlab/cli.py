@@ -4,7 +4,8 @@
   alignlab config show CONFIG [key=value ...]        print the resolved, validated config
   alignlab train CONFIG [key=value ...] [--resume]   train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
-  alignlab run SPEC.yaml [key=value ...] [--resume]  run an ablation end to end and print its report
+  alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline]
+                                                     run an ablation end to end and print its report
   alignlab report SPEC.yaml                          rebuild an ablation's report from its runs
   alignlab gate --experiment nightly --today-run ID  regression gate of a nightly run against its history
 """
@@ -51,6 +52,14 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / cfg.name.replace("/", "_") / f"seed-{cfg.seed}")
+    if args.train_only:
+        from alignlab.experiment import train_only
+
+        train_only(cfg, run_dir, resume=args.resume, mlflow_run_id=args.mlflow_run_id)
+        return 0
+    if args.mlflow_run_id:
+        raise ConfigError("--mlflow-run-id only goes with --train-only (a pipeline's train step); a full "
+                          "`alignlab train` creates its own MLflow run")
     metrics = run_experiment(cfg, run_dir, resume=args.resume)
     print(json.dumps({k: metrics[k] for k in sorted(metrics) if not k.startswith("best_step")}, indent=2))
     return 0
@@ -76,13 +85,27 @@ def available_runners() -> dict:
 
 
 def _cmd_run(args) -> int:
+    from alignlab.ablation import load_spec
+
     runners = available_runners()
+    args.runner = args.runner or default_runner()
     if args.runner not in runners:
         raise ConfigError(f"--runner {args.runner!r} is not available; choose one of {sorted(runners)}")
     out = runners[args.runner](args.spec, args.overrides, resume=args.resume)
     print(f"[alignlab] runs and report: {out}\n[alignlab] compare runs in MLflow: "
           f"{sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    gate = Path(out) / "gate" / "gate.json"
+    if load_spec(args.spec, args.overrides)[0].gate is not None and gate.is_file():
+        status = json.loads(gate.read_text())["status"]
+        return 1 if status == "regression" else 0  # the gate's exit status (`alignlab gate`)
     return 0
+
+
+def default_runner() -> str:
+    """kfp's local runner (the same pipeline definition as on a cluster) when installed, else inline."""
+    from importlib.metadata import entry_points
+
+    return "kfp-local" if any(e.name == "kfp-local" for e in entry_points(group="alignlab.runners")) else "inline"
 
 
 def _cmd_report(args) -> int:
@@ -117,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     tr.add_argument("--run-dir", type=Path)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    tr.add_argument("--train-only", action="store_true",
+                    help="train and write train_outcome.json, no evaluation (a pipeline step; evaluate runs later)")
+    tr.add_argument("--mlflow-run-id", help="with --train-only: log into this open MLflow run instead of a new one")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint")
@@ -130,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", type=Path)
     run.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     run.add_argument("--resume", action="store_true", help="keep finished runs, resume interrupted ones")
-    run.add_argument("--runner", default="inline", help="where the steps run: inline, or a registered runner")
+    run.add_argument("--runner", help="where the steps run: kfp-local (default: kfp's local runner, the cluster's "
+                     "pipeline definition) or inline (this process, for debugging)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild an ablation report from its runs")

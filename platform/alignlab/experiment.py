@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
-from alignlab.config import ExperimentConfig, config_to_dict, validate_config
+from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
 from alignlab.data.synth import generate_synthcaps
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
@@ -83,6 +84,129 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     return evaluate_checkpoint_model(cfg, model, tokenizer, Path(out_dir))
 
 
+MLFLOW_RUN_FILE = "mlflow_run_id.txt"  # in each run folder: the id of the run's MLflow run
+
+
+def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *, ablation: str | None = None,
+                       arm: str | None = None, world_size: int = 1,
+                       parent_run_id: str | None = None) -> RunTracker | None:
+    """The MLflow run of one arm x seed (None when tracking is off): standard tags, flattened params, nested
+    under `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID, set by a pipeline's parent run)."""
+    if not cfg.tracking.enabled:
+        return None
+    tags = {"alignlab.ablation": ablation or cfg.name, "alignlab.arm": arm or cfg.name,
+            "alignlab.seed": str(cfg.seed), "alignlab.git_commit": git_commit(),
+            "alignlab.dataset_hash": dataset_hash(data_root), "alignlab.run_dir": str(Path(run_dir).resolve()),
+            "alignlab.world_size": str(world_size)}
+    tracker = RunTracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment or ablation or "alignlab",
+                               run_name=f"{arm}/seed-{cfg.seed}" if arm else cfg.name, tags=tags,
+                               params=flatten_params(config_to_dict(cfg)),
+                               parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / MLFLOW_RUN_FILE).write_text(tracker.run_id)
+    return tracker
+
+
+@dataclass
+class TrainOutcome:
+    """What training hands to `finish_run`: the trained model (rank 0, same process) or its checkpoint."""
+
+    steps: int
+    metrics: dict  # final_/best_ summaries of the step history, and train_seconds
+    final_checkpoint: Path | None
+    model: object = None
+
+
+def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | None = None, resume: bool = False,
+              dist=None) -> TrainOutcome:
+    """Train one config into `run_dir` (config.yaml, metrics.jsonl, checkpoints, final.pt), log its per-step
+    metrics and summaries; the MLflow run stays open for `finish_run`. Under torchrun every rank calls this;
+    only rank 0 writes and tracks."""
+    run_dir = Path(run_dir)
+    dist = dist or init_distributed()
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tic = time.perf_counter()
+    result = train(cfg, run_dir, resume=resume, on_metrics=tracker.log_metrics if tracker else None, dist_info=dist)
+    metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
+    metrics["train_seconds"] = time.perf_counter() - tic
+    if tracker:
+        tracker.log_summary(metrics)
+        tracker.log_artifact(run_dir / "config.yaml")
+        if result.final_checkpoint:
+            tracker.log_artifact(result.final_checkpoint, artifact_path="checkpoint")
+    return TrainOutcome(result.steps, metrics, result.final_checkpoint, result.model)
+
+
+def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
+               tracker: RunTracker | None = None) -> dict:
+    """Evaluate (the model in memory, else the final checkpoint), write `run_dir/results.json` and end the
+    MLflow run FINISHED; returns the flat metrics (training summaries + evaluation)."""
+    run_dir = Path(run_dir)
+    evaluation = {}
+    if cfg.eval.enabled:
+        if trained.model is not None:
+            data_root = builders.resolve_data_root(cfg.data)
+            tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
+            suite = evaluate_checkpoint_model(cfg, trained.model, tokenizer, run_dir / "eval")
+        elif trained.final_checkpoint is not None:
+            suite = evaluate_checkpoint(trained.final_checkpoint, run_dir / "eval")
+        else:
+            raise FileNotFoundError(f"nothing to evaluate in {run_dir}: training left no final.pt "
+                                    f"(did the train step finish?)")
+        evaluation = {k: v for k, v in suite.items() if isinstance(v, (int, float))}
+    metrics = trained.metrics | evaluation
+    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if tracker:
+        tracker.log_metrics(evaluation, step=trained.steps)
+        tracker.log_artifact(run_dir / "results.json")
+        if (run_dir / "eval").is_dir():
+            tracker.log_artifact(run_dir / "eval", artifact_path="eval")
+        tracker.end("FINISHED")
+    return metrics
+
+
+def end_tracking_on_error(tracker: RunTracker | None, err: BaseException) -> None:
+    """End an open run KILLED (Ctrl-C) or FAILED; the caller re-raises."""
+    if tracker:
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+
+
+TRAIN_OUTCOME_FILE = "train_outcome.json"
+
+
+def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+               mlflow_run_id: str | None = None) -> TrainOutcome | None:
+    """A pipeline's train step, possibly as one of several torchrun ranks: prepare data, train, and on rank 0
+    write `train_outcome.json` (steps, metrics, final checkpoint) for the evaluate step. With
+    `mlflow_run_id` the metrics go to that open run (the step that launched this job created it), which
+    stays open; without it nothing is tracked here."""
+    run_dir = Path(run_dir)
+    dist = init_distributed()
+    if dist.is_main:
+        prepare_data(cfg)
+    barrier()
+    tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id) if mlflow_run_id and dist.is_main else None
+    trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
+    if not dist.is_main:
+        return None
+    outcome = {"steps": trained.steps, "metrics": trained.metrics,
+               "final_checkpoint": str(trained.final_checkpoint) if trained.final_checkpoint else None}
+    (run_dir / TRAIN_OUTCOME_FILE).write_text(json.dumps(outcome, indent=2, sort_keys=True))
+    return trained
+
+
+def load_train_outcome(run_dir: Path) -> TrainOutcome:
+    """The `train_outcome.json` a `train_only` job left in `run_dir` (no model: evaluate from the checkpoint)."""
+    path = Path(run_dir) / TRAIN_OUTCOME_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the training job did not finish (see its logs)")
+    data = json.loads(path.read_text())
+    checkpoint = Path(data["final_checkpoint"]) if data.get("final_checkpoint") else None
+    return TrainOutcome(int(data["steps"]), dict(data["metrics"]), checkpoint)
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None = None, arm: str | None = None,
                    resume: bool = False, parent_run_id: str | None = None) -> dict:
     """Train, evaluate and track one config; returns the flat metrics written to `run_dir/results.json`.
@@ -91,49 +215,17 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:  # under torchrun only rank 0 prepares data, tracks, evaluates and writes results
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         prepare_data(cfg)
     barrier()
-    data_root = builders.resolve_data_root(cfg.data)
     tracker = None
-    if cfg.tracking.enabled and dist.is_main:
-        tags = {"alignlab.ablation": ablation or cfg.name, "alignlab.arm": arm or cfg.name,
-                "alignlab.seed": str(cfg.seed), "alignlab.git_commit": git_commit(),
-                "alignlab.dataset_hash": dataset_hash(data_root), "alignlab.run_dir": str(run_dir.resolve()),
-                "alignlab.world_size": str(dist.world_size)}
-        tracker = RunTracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment or ablation or "alignlab",
-                                   run_name=f"{arm}/seed-{cfg.seed}" if arm else cfg.name, tags=tags,
-                                   params=flatten_params(config_to_dict(cfg)),
-                                   parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"))
+    if dist.is_main:
+        tracker = start_run_tracking(cfg, run_dir, builders.resolve_data_root(cfg.data), ablation=ablation, arm=arm,
+                                     world_size=dist.world_size, parent_run_id=parent_run_id)
     try:
-        tic = time.perf_counter()
-        result = train(cfg, run_dir, resume=resume, on_metrics=tracker.log_metrics if tracker else None,
-                       dist_info=dist)
-        train_seconds = time.perf_counter() - tic
-        if not dist.is_main:
-            return {}
-        metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")}
-                                     for h in result.history])
-        metrics["train_seconds"] = train_seconds
-        if cfg.eval.enabled:
-            tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
-            evaluation = evaluate_checkpoint_model(cfg, result.model, tokenizer, run_dir / "eval")
-            metrics |= {k: v for k, v in evaluation.items() if isinstance(v, (int, float))}
-        (run_dir / "results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if tracker:
-            tracker.log_summary(metrics)
-            tracker.log_artifact(run_dir / "config.yaml")
-            tracker.log_artifact(run_dir / "results.json")
-            if (run_dir / "eval").is_dir():
-                tracker.log_artifact(run_dir / "eval", artifact_path="eval")
-            if result.final_checkpoint:
-                tracker.log_artifact(result.final_checkpoint, artifact_path="checkpoint")
-            tracker.end("FINISHED")
-        return metrics
+        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
+        return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
     except BaseException as err:
-        if tracker:
-            tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        end_tracking_on_error(tracker, err)
         raise
 
 
@@ -154,7 +246,9 @@ def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, r
             continue
         print_fn(f"[alignlab] ({i}/{len(plans)}) {plan.run_name} -> {plan.run_dir}")
         run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
-    return report_ablation(spec, plans, print_fn=print_fn)
+    out_dir = report_ablation(spec, plans, print_fn=print_fn)
+    gate_ablation(spec, plans, print_fn=print_fn)
+    return out_dir
 
 
 def ablation_dir(plans: list[RunPlan]) -> Path:
@@ -190,3 +284,43 @@ def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print)
         print_fn(f"[alignlab] plot: {png}")
     print_fn(f"\n[alignlab] report: {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
     return out_dir
+
+
+GATE_DIR = "gate"
+
+
+def gate_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print):
+    """The spec's regression gate (None without one): every run of this ablation against the earlier FINISHED
+    runs of its arm in MLflow. Writes runs/<ablation>/gate/gate.{md,json} and the Prometheus exports the spec
+    asks for; returns the GateResult (`status` "regression" when a violation repeated)."""
+    if spec.gate is None:
+        return None
+    from alignlab.report.gate_cli import gate_runs
+    from alignlab.report.regression_gate import load_gate_config, write_gate_report
+    from alignlab.tracking import resolve_tracking_uri
+
+    cfg = plans[0].config
+    if not cfg.tracking.enabled:
+        raise ConfigError(f"ablation {spec.name} has a gate but tracking.enabled is false: the gate compares "
+                          f"MLflow runs; enable tracking")
+    run_ids = []
+    for plan in plans:
+        path = plan.run_dir / MLFLOW_RUN_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run {plan.run_name} was not tracked in MLflow, so the "
+                                    f"gate has nothing to compare (re-run it with tracking enabled)")
+        run_ids.append(path.read_text().strip())
+    result = gate_runs(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment or spec.name, run_ids,
+                       load_gate_config(spec.gate.rules))
+    out_dir = ablation_dir(plans) / GATE_DIR
+    paths = write_gate_report(result, out_dir)
+    if spec.gate.textfile or spec.gate.pushgateway:
+        from alignlab.report.prometheus import push_gate, write_gate_textfile
+
+        if spec.gate.textfile:
+            write_gate_textfile(result, spec.gate.textfile, spec.name)
+        if spec.gate.pushgateway:
+            push_gate(result, spec.gate.pushgateway, "alignlab_gate", spec.name)
+    print_fn(result.to_markdown())
+    print_fn(f"[alignlab] gate {result.status}: {paths['md']}")
+    return result

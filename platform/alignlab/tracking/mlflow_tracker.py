@@ -205,6 +205,21 @@ class RunTracker:
             raise
         return tracker
 
+    @classmethod
+    def attach(cls, tracking_uri: str | None, run_id: str) -> "RunTracker":
+        """Re-open an existing run by id (a later pipeline step adding to the run an earlier step created)."""
+        uri = resolve_tracking_uri(tracking_uri)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            raise ValueError(f"MLflow run {run_id!r} does not exist in {uri}: the step that creates it (train) "
+                             f"must log to the same tracking URI") from error
+        if run.info.status != "RUNNING":
+            raise ValueError(f"MLflow run {run_id!r} in {uri} has already ended ({run.info.status}); "
+                             f"a finished run is not re-opened")
+        return cls(client, run_id)
+
     def __enter__(self) -> "RunTracker":
         return self
 
