@@ -54,7 +54,12 @@ def test_run_ablation_end_to_end_with_report_plot_and_mlflow(tmp_path, monkeypat
     from alignlab.tracking import find_runs
 
     tracked = find_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "mini")
+    # `alignlab run` defaults to kfp's local runner: one parent run for the pipeline run, the 8 runs nested in it
+    parents = [r for r in tracked if r["tags"].get("alignlab.pipeline") == "mini"]
+    tracked = [r for r in tracked if r not in parents]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
     assert len(tracked) == 8 and {r["status"] for r in tracked} == {"FINISHED"}
+    assert {r["tags"]["mlflow.parentRunId"] for r in tracked} == {parents[0]["run_id"]}
     one = next(r for r in tracked if r["tags"]["alignlab.arm"] == "name=hn_nce,beta=0.5"
                and r["tags"]["alignlab.seed"] == "1")
     assert one["params"]["loss.hn_nce.beta"] == "0.5" and one["tags"]["alignlab.dataset_hash"] != "unknown"

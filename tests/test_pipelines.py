@@ -76,13 +76,17 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
             for t in data.values()} == {Path(r).as_posix() for r in roots}
     assert all(t["cachingOptions"] == {"enableCache": True} and "dependentTasks" not in t for t in data.values())
     # data -> runs (train -> evaluate per arm x seed) -> report (-> gate, for specs with a gate: nightly)
-    assert set(root) == set(data) | {"runs", "report"} | ({"gate"} if spec.gate else set())
+    assert set(root) == set(data) | {"open-tracking", "runs", "report", "close-tracking"} | \
+        ({"gate"} if spec.gate else set())
+    assert root["runs"]["inputs"]["parameters"]["parent_run_id"]["taskOutputParameter"] == \
+        {"outputParameterKey": "Output", "producerTask": "open-tracking"}
+    assert sorted(root["close-tracking"]["dependentTasks"]) == ["open-tracking", "report"]
     if spec.gate:
         gate = root["gate"]
         assert gate["dependentTasks"] == ["report", "runs"] and gate["cachingOptions"] == {}
         assert gate["inputs"]["parameters"]["rules_yaml"]["runtimeValue"]["constant"] == \
             Path(spec.gate.rules).read_text()  # embedded: the compiling machine's path means nothing in a pod
-    assert sorted(root["runs"]["dependentTasks"]) == sorted(data)
+    assert sorted(root["runs"]["dependentTasks"]) == sorted([*data, "open-tracking"])
     assert root["report"]["dependentTasks"] == ["runs"] and root["report"]["cachingOptions"] == {}
     report_in = root["report"]["inputs"]["parameters"]
     assert report_in["results"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "runs"}
@@ -114,7 +118,8 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
         assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "4Gi",
                                           "volumeName": "dshm"}]
-    for name, task in [*data.items(), ("report", root["report"]), *([("gate", root["gate"])] if spec.gate else [])]:
+    plain = ["report", "open-tracking", "close-tracking"] + (["gate"] if spec.gate else [])
+    for name, task in [*data.items(), *((n, root[n]) for n in plain)]:
         assert "retryPolicy" not in task
         executor = ir["deploymentSpec"]["executors"][_executor(ir, task)]["container"]
         assert "accelerator" not in executor.get("resources", {})
@@ -270,5 +275,9 @@ def test_two_arm_spec_end_to_end_on_the_kfp_local_runner(tmp_path, monkeypatch):
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4 and (run_dir / "final.pt").is_file()
     assert len(pipeline_runs) == 1 and "{{" not in pipeline_runs.pop()  # kfp filled in its run id
     runs = find_runs(uri, "two-arms")
+    parent = [r for r in runs if r["tags"].get("alignlab.pipeline") == "two-arms"]
+    assert len(parent) == 1 and parent[0]["status"] == "FINISHED"  # the pipeline run's parent, closed at the end
+    runs = [r for r in runs if r not in parent]
     assert sorted(r["run_name"] for r in runs) == ["fast/seed-0", "slow/seed-0"]
     assert all(r["status"] == "FINISHED" and "retrieval/mean_R@1" in r["metrics"] for r in runs)
+    assert all(r["tags"]["mlflow.parentRunId"] == parent[0]["run_id"] for r in runs)  # nested under it

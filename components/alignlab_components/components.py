@@ -32,11 +32,35 @@ def prepare_data(config_json: str, workdir: str) -> str:
     return json.dumps(prepare_data_step(json.loads(config_json)))
 
 
-def train(run: dict, ablation: str, workdir: str, resume: bool, pipeline_run_id: str, launch_json: str = "{}") -> str:
+def open_tracking(tracking_json: str, ablation: str, pipeline_run_id: str, workdir: str) -> str:
+    """Create the pipeline run's parent MLflow run; returns its id ("" when tracking is off)."""
+    import json
+    import os
+
+    os.chdir(workdir)
+    from alignlab_components.steps import open_tracking_step
+
+    return open_tracking_step(json.loads(tracking_json), ablation, pipeline_run_id)
+
+
+def close_tracking(tracking_json: str, parent_run_id: str, workdir: str):
+    """End the parent MLflow run FINISHED once the report is written."""
+    import json
+    import os
+
+    os.chdir(workdir)
+    from alignlab_components.steps import close_tracking_step
+
+    close_tracking_step(json.loads(tracking_json), parent_run_id)
+
+
+def train(run: dict, ablation: str, workdir: str, resume: bool, pipeline_run_id: str, launch_json: str = "{}",
+          parent_run_id: str = "") -> str:
     """Train one arm x seed (`run`: {"arm", "seed", "run_dir", "config_json"}); writes final.pt, returns the
     hand-off for the evaluate step as JSON. A retry within the same pipeline run (`pipeline_run_id`, given
     dsl.PIPELINE_JOB_ID_PLACEHOLDER) resumes from the run's newest checkpoint. `launch_json`: the TorchX
-    launch settings; more than one process in all trains through a TorchX dist.ddp job."""
+    launch settings; more than one process in all trains through a TorchX dist.ddp job. `parent_run_id`: the
+    pipeline run's MLflow run, under which this run nests ("" for none)."""
     import json
     import os
 
@@ -44,7 +68,7 @@ def train(run: dict, ablation: str, workdir: str, resume: bool, pipeline_run_id:
     from alignlab_components.steps import train_step
 
     return json.dumps(train_step(run, ablation, resume=resume, pipeline_run_id=pipeline_run_id,
-                                 launch=json.loads(launch_json)))
+                                 launch=json.loads(launch_json), parent_run_id=parent_run_id))
 
 
 def evaluate(trained: str, workdir: str) -> str:
@@ -93,7 +117,7 @@ def gate(results: list, spec_json: str, rules_yaml: str, workdir: str, gate_md: 
     return outcome["status"]
 
 
-STEP_FUNCTIONS: tuple[Callable, ...] = (prepare_data, train, evaluate, report, gate)
+STEP_FUNCTIONS: tuple[Callable, ...] = (open_tracking, prepare_data, train, evaluate, report, gate, close_tracking)
 
 
 def make_component(func: Callable, image: str = DEFAULT_IMAGE):

@@ -4,6 +4,7 @@ The steps are the core's own pieces of `alignlab.experiment.run_experiment` (pre
 train_run, finish_run), split at the checkpoint, so they keep the inline runner's run-folder layout (README
 "Where results go") and `alignlab report` and the inline runner read their output:
 
+  open_tracking_step the pipeline run's parent MLflow run (closed by close_tracking_step after the report)
   prepare_data_step  SynthCaps generated once into data/synthcaps-<hash> (reused when already there)
   train_step         config.yaml, metrics.jsonl, checkpoints/, final.pt; creates the MLflow run; with more
                      than one process, a TorchX dist.ddp job does the training
@@ -47,8 +48,32 @@ def _run_config(run: dict) -> ExperimentConfig:
                            source=f"config of arm {run['arm']!r} seed {run['seed']}")
 
 
+def open_tracking_step(tracking: dict, ablation: str, pipeline_run_id: str) -> str:
+    """The pipeline run's parent MLflow run (every arm x seed run nests under it); "" when tracking is off.
+
+    `tracking`: {"enabled", "tracking_uri", "experiment"} of the ablation's configs. The parent is tagged
+    `alignlab.pipeline` (not `alignlab.ablation`), so reports and the gate, which select runs by ablation and
+    arm, never mistake it for a run."""
+    from alignlab.tracking import RunTracker
+
+    if not tracking.get("enabled"):
+        return ""
+    parent = RunTracker.start(tracking.get("tracking_uri"), tracking["experiment"], run_name=f"pipeline {ablation}",
+                              tags={"alignlab.pipeline": ablation, "alignlab.pipeline_run_id": pipeline_run_id},
+                              params={})
+    return parent.run_id
+
+
+def close_tracking_step(tracking: dict, parent_run_id: str, status: str = "FINISHED") -> None:
+    """End the parent MLflow run `open_tracking_step` created (nothing when tracking is off)."""
+    from alignlab.tracking import RunTracker
+
+    if parent_run_id:
+        RunTracker.attach(tracking.get("tracking_uri"), parent_run_id).end(status)
+
+
 def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_id: str | None = None,
-               launch: dict | None = None) -> dict:
+               launch: dict | None = None, parent_run_id: str | None = None) -> dict:
     """Train one arm x seed into `run["run_dir"]`; returns what the evaluate step needs.
 
     `run` is one ParallelFor item: {"arm", "seed", "run_dir", "config_json": the resolved config}. With `resume`,
@@ -73,7 +98,7 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     if resume and (run_dir / RESULTS_FILE).is_file():
         return handoff | {"finished": True}
     data_root = builders.resolve_data_root(cfg.data)
-    if not data_root.exists():
+    if isinstance(data_root, Path) and not data_root.exists():  # an s3:// root (a str) is checked when indexed
         raise FileNotFoundError(f"dataset {data_root} for arm {arm!r} does not exist: the prepare-data step "
                                 f"must run first (in the same working folder / shared volume)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +108,8 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
         marker.write_text(pipeline_run_id)
     launch = dict(launch or {})
     world_size = int(launch.get("nproc_per_node", 1)) * int(launch.get("nnodes", 1))
-    tracker = start_run_tracking(cfg, run_dir, data_root, ablation=ablation, arm=arm, world_size=world_size)
+    tracker = start_run_tracking(cfg, run_dir, data_root, ablation=ablation, arm=arm, world_size=world_size,
+                                 parent_run_id=parent_run_id or None)
     try:
         if world_size > 1:
             trained = _train_with_torchx(cfg, run_dir, launch, resume=resume, tracker=tracker)

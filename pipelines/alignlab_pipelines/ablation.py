@@ -1,5 +1,6 @@
 """The ablation pipeline, built from an ablation spec (the same expansion `alignlab run` uses).
 
+  open-tracking (the pipeline run's parent MLflow run; every arm x seed run nests under it)
   prepare-data (one task per distinct dataset, cached)
         │  (all of them)
         ▼
@@ -11,6 +12,7 @@
         ▼
   gate (only for specs with a `gate`: the nightly suite) -> runs/<ablation>/gate/gate.{md,json}; fails on a
         regression
+  close-tracking (after the report: ends the parent MLflow run)
 
 The loop sits in its own sub-pipeline rather than next to `report` because kfp's local runner (2.16) runs a
 DAG's plain tasks before its loops, so a task after a loop at the same level would run first; nested, the
@@ -75,13 +77,16 @@ def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: Pipel
     in `alignlab_pipelines.settings`."""
     ops = build_components(settings.image)
     items = run_items(plans)
+    tracking = plans[0].config.tracking
+    tracking_json = json.dumps({"enabled": tracking.enabled, "tracking_uri": tracking.tracking_uri,
+                                "experiment": tracking.experiment or spec.name})
 
     @dsl.pipeline(name="runs", description="train -> evaluate for every arm x seed")
-    def runs(workdir: str, resume: bool) -> list:
+    def runs(workdir: str, resume: bool, parent_run_id: str) -> list:
         with dsl.ParallelFor(items, parallelism=settings.parallelism or None) as run:
             trained = ops["train"](run=run, ablation=spec.name, workdir=workdir, resume=resume,
                                    pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                   launch_json=json.dumps(torchx_launch(settings)))
+                                   launch_json=json.dumps(torchx_launch(settings)), parent_run_id=parent_run_id)
             evaluated = ops["evaluate"](trained=trained.output, workdir=workdir)
             for task in (trained, evaluated):
                 _compute_step(task, settings).set_caching_options(settings.cache_training)
@@ -90,18 +95,24 @@ def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: Pipel
 
     @dsl.pipeline(name=pipeline_name(spec), description=spec.description or f"ablation {spec.name}")
     def ablation_pipeline(workdir: str = settings.workdir, resume: bool = False) -> str:
+        tracking = ops["open_tracking"](tracking_json=tracking_json, ablation=spec.name, workdir=workdir,
+                                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        _shared_step(tracking, settings).set_caching_options(False)
         data = []
         for root, config in dataset_configs(plans).items():
             task = ops["prepare_data"](config_json=config, workdir=workdir)
             task.set_display_name(f"data {Path(root).name}")
             data.append(_shared_step(task, settings).set_caching_options(settings.cache_data))
-        trained = runs(workdir=workdir, resume=resume).after(*data).set_caching_options(settings.cache_training)
+        trained = runs(workdir=workdir, resume=resume, parent_run_id=tracking.output).after(*data) \
+            .set_caching_options(settings.cache_training)
         summary = ops["report"](results=trained.output, spec_json=spec.model_dump_json(), workdir=workdir)
         _shared_step(summary, settings).set_caching_options(False)
         if spec.gate is not None:
             gate = ops["gate"](results=trained.output, spec_json=spec.model_dump_json(),
                                rules_yaml=Path(spec.gate.rules).read_text(), workdir=workdir).after(summary)
             _shared_step(gate, settings).set_caching_options(False)
+        close = ops["close_tracking"](tracking_json=tracking_json, parent_run_id=tracking.output, workdir=workdir)
+        _shared_step(close.after(summary), settings).set_caching_options(False)
         return summary.outputs["Output"]
 
     return ablation_pipeline

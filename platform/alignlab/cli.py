@@ -1,6 +1,8 @@
 """The `alignlab` command line. Each sub-command validates its inputs first, then calls the core.
 
   alignlab data synth --out DIR [key=value ...]      generate SynthCaps
+  alignlab data import {coco,tsv,webdataset,jsonl}   import a dataset as webdataset shards
+  alignlab data filter --data ROOT --out URI         CAT filtering, with DiHT Table A.3 statistics
   alignlab config show CONFIG [key=value ...]        print the resolved, validated config
   alignlab train CONFIG [key=value ...] [--resume]   train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
@@ -129,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("overrides", nargs="*", help="key=value, e.g. num_train=20000 mismatch=0.4")
     synth.set_defaults(func=_cmd_data_synth)
 
+    from alignlab.data.import_cli import add_import_arguments, run_import
+    from alignlab.filtering.cli import add_filter_arguments, run_filter
+
+    add_import_arguments(data.add_parser("import", help="import COCO / TSV / webdataset / JSONL pairs as shards")
+                         ).set_defaults(func=run_import)
+    add_filter_arguments(data.add_parser("filter", help="CAT / CLIP-score filtering of a dataset's pairs")
+                         ).set_defaults(func=run_filter)
+
     config = sub.add_parser("config", help="configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config")
     show.add_argument("config", type=Path)
@@ -169,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gate_arguments(sub.add_parser("gate", help="nightly regression gate against earlier runs in MLflow")
                        ).set_defaults(func=run_gate)
+    from alignlab.teachers.cli import register_teacher_commands  # teacher train / cache
+    register_teacher_commands(sub)
 
     _add_plugin_commands(sub)
     return parser

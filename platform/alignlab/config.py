@@ -52,9 +52,26 @@ class TokenizerConfig(_Strict):
 
 
 class ImageTowerConfig(_Strict):
+    """The timm image tower: its init (`pretrained`: random or weights) and how it trains (`mode`, SPEC 3.2).
+
+    mode: train (like every other parameter), locked (LiT: frozen, no gradient, eval mode for norms and
+    dropout), ft (trained with lr x `lr_scale`), ft_delay (locked for the first `delay` fraction of the
+    steps, then ft). The projection after the tower always trains: it maps into the shared space.
+    """
+
     name: str = "vit_base_patch32_224"
     pretrained: bool | str = Field(False, description="False, True (timm hub weights) or a local checkpoint path.")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["train", "locked", "ft", "ft_delay"] = "train"
+    lr_scale: float = Field(0.01, gt=0, description="ft / ft_delay: tower lr = train.lr x this (DiHT FT: 0.01).")
+    delay: float = Field(0.5, gt=0, lt=1, description="ft_delay: fraction of all steps the tower stays locked.")
+
+    @model_validator(mode="after")
+    def _mode_needs_weights(self) -> "ImageTowerConfig":
+        if self.mode != "train" and self.pretrained is False:
+            raise ValueError(f"mode={self.mode} keeps or slows down a pretrained tower, but pretrained=false: set "
+                             "model.image.pretrained to a checkpoint (e.g. <teacher dir>/backbone.pth) or mode=train")
+        return self
 
 
 class TextTowerConfig(_Strict):
@@ -126,6 +143,81 @@ class LossConfig(_Strict):
     hn_nce: HNNCEConfig = Field(default_factory=HNNCEConfig)
 
 
+class ConceptDistillConfig(_Strict):
+    """Concept distillation (SPEC 3.2): linear heads on the image embedding learn the teacher's top-k
+    object / attribute distributions with soft-target cross entropy, next to the contrastive loss."""
+
+    targets: Literal["off", "objects", "objects+attributes"] = "off"
+    k: int = Field(10, ge=1, description="Top-k teacher classes kept (and renormalised) per image; DiHT: 10.")
+    weight_objects: float = Field(1.0, gt=0, description="Weight of L_CE-obj in the total loss.")
+    weight_attributes: float = Field(1.0, gt=0, description="Weight of L_CE-attr in the total loss.")
+    head_lr_scale: float = Field(10.0, gt=0, description="Head lr = train.lr x this (DiHT LAION: 10; PMD: 1).")
+    head_wd_scale: float = Field(0.01, ge=0, description="Head weight decay = train.weight_decay x this.")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return {"off": (), "objects": ("objects",), "objects+attributes": ("objects", "attributes")}[self.targets]
+
+
+class EmbeddingDistillConfig(_Strict):
+    """ED baseline (SPEC 3.2): negative cosine between a learned projection of the student image embedding
+    and the teacher's image embedding."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, gt=0)
+
+
+class DistributionDistillConfig(_Strict):
+    """DD baseline (SPEC 3.2): teacher-image x student-text similarities, softmax at `temperature`, mixed
+    into InfoNCE's hard labels with weight `lam` (ALBEF's momentum distillation: lam 0.4)."""
+
+    enabled: bool = False
+    lam: float = Field(0.4, ge=0, le=1, description="Soft-label weight; 0 is InfoNCE exactly.")
+    temperature: float = Field(0.1, gt=0)
+    teacher_projection: Literal["image_proj", "identity"] = Field(
+        "image_proj", description="How the teacher embedding enters the student space: through the student's "
+        "image projection (teacher width = image tower width), or as is (teacher width = model.embed_dim).")
+
+
+class DistillConfig(_Strict):
+    """Where teacher targets come from, and which distillation losses use them (SPEC 3.2, section 6).
+
+    With `cache` the targets are read from a teacher cache (precomputed once, joined on the sample index);
+    "auto" builds or finds the cache for this dataset and teacher before training. Without a cache the
+    teacher runs online, under no_grad, on the same augmented batch.
+    """
+
+    teacher: str | None = Field(None, description="A load_teacher source: timm:<name>, a checkpoint file, "
+                                "hf:<dir> or a teacher folder from `alignlab teacher train`.")
+    teacher_arch: str | None = Field(None, description="timm:<name> of a teacher given as a bare checkpoint file.")
+    teacher_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm create_model kwargs of a "
+                                           "timm:<name> or checkpoint-file teacher.")
+    cache: str | None = Field(None, description="Teacher cache URI, 'auto', or null to run the teacher online.")
+    concepts: ConceptDistillConfig = Field(default_factory=ConceptDistillConfig)
+    embedding: EmbeddingDistillConfig = Field(default_factory=EmbeddingDistillConfig)
+    distribution: DistributionDistillConfig = Field(default_factory=DistributionDistillConfig)
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DistillConfig":
+        if self.teacher_arch is not None and self.teacher is None:
+            raise ValueError("teacher_arch names the architecture of distill.teacher, which is not set")
+        if self.cache == "auto" and self.teacher is None:
+            raise ValueError("cache=auto builds the teacher cache from distill.teacher: set distill.teacher")
+        if self.enabled and self.teacher is None and self.cache is None:
+            raise ValueError("distillation is on but there is no teacher: set distill.cache (a teacher cache "
+                             "URI or auto) or distill.teacher (to run it online)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.concepts.names) or self.embedding.enabled or self.distribution.enabled
+
+    def needed_targets(self) -> tuple[str, ...]:
+        """The teacher targets the enabled losses read: concept names, and "embedding" for ED / DD."""
+        embedding = ("embedding",) if self.embedding.enabled or self.distribution.enabled else ()
+        return self.concepts.names + embedding
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -174,6 +266,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -183,6 +276,13 @@ class ExperimentConfig(_Strict):
         if tower_size is not None and tower_size != self.data.image_size:
             raise ValueError(f"data.image_size={self.data.image_size} but model.image.kwargs.img_size={tower_size}: "
                              "set both to the same size")
+        return self
+
+    @model_validator(mode="after")
+    def _distribution_distill_needs_infonce(self) -> "ExperimentConfig":
+        if self.distill.distribution.enabled and self.loss.name != "infonce":
+            raise ValueError(f"distill.distribution mixes soft labels into InfoNCE, but loss.name={self.loss.name}: "
+                             "set loss.name=infonce or distill.distribution.enabled=false")
         return self
 
 

@@ -24,17 +24,22 @@ from alignlab.training.distributed import barrier, init_distributed
 from alignlab.training.trainer import train
 
 
-def prepare_data(cfg: ExperimentConfig) -> Path:
+def prepare_data(cfg: ExperimentConfig) -> Path | str:
     """The shared data step: generate SynthCaps if the config asks for it (reused when already there)."""
     root = builders.resolve_data_root(cfg.data)
     if cfg.data.synth is not None:
         generate_synthcaps(root, cfg.data.synth, progress=True)
-    elif not root.exists():
+    elif not isinstance(root, str) and not root.exists():  # s3:// roots: checked when training opens the shards
         raise FileNotFoundError(f"data.root {root} does not exist: import a dataset there or set data.synth")
     return root
 
 
-def dataset_hash(root: Path) -> str:
+def dataset_hash(root: Path | str) -> str:
+    if isinstance(root, str):  # s3:// root
+        from alignlab import storage
+
+        uri = f"{root}/manifest.json"
+        return json.loads(storage.read_bytes(uri)).get("dataset_hash", "unknown") if storage.exists(uri) else "unknown"
     manifest = root / "manifest.json"
     return json.loads(manifest.read_text()).get("dataset_hash", "unknown") if manifest.exists() else "unknown"
 
@@ -45,7 +50,7 @@ def evaluate_checkpoint_model(cfg: ExperimentConfig, model, tokenizer, out_dir: 
     _, eval_transform = builders.transforms_from_config(cfg.data)
     e = cfg.eval
     device = str(next(model.parameters()).device)
-    data_root = builders.resolve_data_root(cfg.data)
+    data_root = builders.local_eval_root(builders.resolve_data_root(cfg.data))  # s3://: a local cached copy
     metrics = evaluate_model(model, tokenizer, eval_transform, data_root, out_dir, batch_size=e.batch_size,
                              device=device, tasks=tuple(e.zeroshot_tasks), linear_probe_task=e.linear_probe_task,
                              shifts=tuple(e.shifts), histogram=e.histogram, linear_probe_cs=e.linear_probe_cs)

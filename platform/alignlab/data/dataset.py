@@ -66,8 +66,20 @@ class PairDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, aug_seed = item
+        return self._pair(index, aug_seed, *self.source.get(index))
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A whole batch (the DataLoader calls this when it exists): the raw samples come from the
+        source's `get_many` when it has one (s3:// shards fetch them concurrently), then each pair is
+        built exactly as `__getitem__` builds it."""
+        get_many = getattr(self.source, "get_many", None)
+        if get_many is None:
+            return [self[item] for item in items]
+        loaded = get_many([index for index, _ in items])
+        return [self._pair(index, aug_seed, *raw) for (index, aug_seed), raw in zip(items, loaded)]
+
+    def _pair(self, index: int, aug_seed: int, image, caption, meta) -> tuple[torch.Tensor, torch.Tensor, int]:
         generator = torch.Generator().manual_seed(aug_seed)
-        image, caption, meta = self.source.get(index)
         # The image draws come first, so the crop does not depend on the caption's length or count.
         image_tensor = self.transform(image, generator)
         if caption is None:
@@ -169,11 +181,18 @@ def build_train_loader(
     return loader_for_sampler(dataset, sampler, num_workers, pin_memory)
 
 
-def open_train_source(format: str, path_or_spec, image_root=None):
-    """Training source by format: "webdataset" (shard dir/glob/brace pattern/list), "coco"
-    (captions JSON, images under `image_root`) or "jsonl" (one split file)."""
+def open_train_source(format: str, path_or_spec, image_root=None, manifest=None):
+    """Training source by format: "webdataset" (shard dir/glob/brace pattern/list, local or s3://),
+    "coco" (captions JSON, images under `image_root`) or "jsonl" (one split file); the last two read
+    local files only. `manifest` (webdataset only): a manifest.json to check the shards against
+    (see alignlab.data.shards)."""
     if format == "webdataset":
-        return WebDatasetIndex(path_or_spec)
+        return WebDatasetIndex(path_or_spec, manifest=manifest)
+    remote = [str(p) for p in (path_or_spec if isinstance(path_or_spec, (list, tuple)) else [path_or_spec])
+              if str(p).startswith("s3://")]
+    if remote:
+        raise ValueError(f"data.format={format!r} reads local files only, got {remote[0]}: use webdataset shards "
+                         "to train from S3, or download the dataset first")
     if format == "coco":
         return CocoCaptions(path_or_spec, image_root=image_root)
     if format == "jsonl":

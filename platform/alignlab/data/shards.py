@@ -1,4 +1,4 @@
-"""Webdataset tar shards: random access for training, streaming for remote storage.
+"""Webdataset tar shards: random access for training, from local disk or straight from S3.
 
 A shard holds one sample per key: `<key>.png` (or jpg/jpeg/webp), `<key>.txt` (caption) and
 `<key>.json` (metadata); see docs/CONTRACT.md, "SynthCaps on-disk layout". The key follows the
@@ -8,8 +8,28 @@ a sample is a run of consecutive members with the same key.
 Training addresses samples by index (ResumableBatchSampler), so `WebDatasetIndex` scans the tar
 headers once, keeps member offsets in memory and reads a sample by seeking to them. Samples without
 an image or a caption are counted and logged, never silently dropped.
+
+Shards in S3 (`s3://bucket/prefix/train`, a brace pattern or a glob of s3:// URIs) are never
+downloaded whole. Building the index costs one HEAD per shard (size and ETag), then either one GET of
+a sidecar index `<shard>.index.json` (`write_shard_index` writes one) or a walk of the tar headers
+with ranged GETs that skip member bodies (`alignlab.storage.RangedReader`: 1 KiB per header when
+members are large, growing up to 64 KiB per GET when they are small enough to read through). A
+sample is then one ranged GET spanning its members, conditional on the ETag seen at indexing time, so
+a shard overwritten mid-run fails loudly instead of yielding bytes from the wrong offsets. The S3
+client is opened lazily in each process (DataLoader workers after fork build their own; a pickled
+index carries no store and no credentials).
+
+Integrity with a manifest (`manifest=`, SynthCaps' manifest.json with `files: {relpath: sha256}`):
+hashing every shard would cost a full read of the dataset before the first step, so the index only
+does the cheap checks: every shard the manifest lists in a folder the spec names must exist
+(FileNotFoundError naming the URI), shards the manifest does not list are counted in
+`unlisted_shards` and logged, each object's size bounds the header walk (a truncated shard fails the
+walk), a sidecar index is used only if its recorded size and ETag match the object, and every read
+checks it got the bytes it asked for. For the full sha256 check run
+`alignlab.storage.verify_manifest(root, name="manifest.json")` once, e.g. after uploading.
 """
 
+import fnmatch
 import glob
 import io
 import json
@@ -19,6 +39,11 @@ import re
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from alignlab import storage
+from alignlab.storage.base import S3_SCHEME, ObjectInfo, split_s3_uri
+from alignlab.storage.ranged import DEFAULT_READAHEAD, MIN_READAHEAD, RangedReader
 
 import numpy as np
 import webdataset as wds
@@ -30,33 +55,94 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _MEMBERS = ("image", "txt", "json")
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips members named like __meta__
+_GLOB_CHARS = "*?["
+SIDECAR_SUFFIX = ".index.json"  # shard-000000.tar -> shard-000000.tar.index.json
+SIDECAR_FORMAT = "alignlab.tar-index"
+SIDECAR_VERSION = 1
+
+
+def is_remote(path) -> bool:
+    return isinstance(path, str) and path.startswith(S3_SCHEME)
 
 
 def expand_shards(spec) -> list[str]:
     """Shard paths from a directory (its *.tar), a glob, a brace pattern or a list of any of these.
 
     Brace patterns follow webdataset: `train/shard-{000000..000009}.tar`. Every path must exist.
+    `s3://` URIs work the same way: a URI not ending in .tar names a folder (its *.tar objects), and
+    globs are matched against a listing of the folder they start in (`*` does not cross a `/`).
     """
+    return [path for path, _ in _expand_with_info(spec, folders=[])]
+
+
+def _expand_with_info(spec, folders: list[str]) -> list[tuple[str, ObjectInfo | None]]:
+    """(path, ObjectInfo for s3:// shards else None) per shard; s3 folders listed go into `folders`."""
     if isinstance(spec, (list, tuple)):
-        paths = [path for item in spec for path in expand_shards(item)]
+        return [found for item in spec for found in _expand_with_info(item, folders)]
+    spec = os.fspath(spec)
+    if is_remote(spec):
+        return _expand_remote(spec, folders)
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
-        spec = os.fspath(spec)
-        if os.path.isdir(spec):
-            paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        else:
-            paths = []
-            for pattern in braceexpand(spec):
-                is_glob = any(char in pattern for char in "*?[")
-                paths.extend(sorted(glob.glob(pattern)) if is_glob else [pattern])
+        paths = []
+        for pattern in braceexpand(spec):
+            is_glob = any(char in pattern for char in _GLOB_CHARS)
+            paths.extend(sorted(glob.glob(pattern)) if is_glob else [pattern])
+    _check_found(spec, paths)
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, first: {missing[0]}")
+    return [(path, None) for path in paths]
+
+
+def _check_found(spec: str, paths: list[str]) -> None:
     if not paths:
         raise FileNotFoundError(
             f"no .tar shards match {spec!r}; pass a directory holding *.tar files, a glob such as "
             "'train/*.tar' or a brace pattern such as 'train/shard-{000000..000009}.tar'"
         )
-    missing = [path for path in paths if not os.path.isfile(path)]
+
+
+def _list_tars(folder: str) -> list[str]:
+    """URIs of the .tar objects directly inside the S3 folder `folder` (not in sub-folders)."""
+    store = storage.open_store(folder)
+    return [store.uri(key) for key in store.list() if "/" not in key and key.endswith(".tar")]
+
+
+def _expand_remote(spec: str, folders: list[str]) -> list[tuple[str, ObjectInfo]]:
+    uris = []
+    for pattern in braceexpand(spec):
+        pattern = pattern.rstrip("/")
+        split_s3_uri(pattern)  # a clear error for s3:// without a bucket
+        glob_at = next((i for i, char in enumerate(pattern) if char in _GLOB_CHARS), None)
+        if glob_at is not None:
+            folder = pattern[:glob_at].rpartition("/")[0]
+            depth = pattern.count("/")
+            uris.extend(sorted(uri for uri in _list_tars_below(folder)
+                               if uri.count("/") == depth and fnmatch.fnmatchcase(uri, pattern)))
+        elif pattern.endswith(".tar"):
+            uris.append(pattern)
+        else:
+            folders.append(pattern)
+            uris.extend(_list_tars(pattern))
+    _check_found(spec, uris)
+    infos, missing = [], []
+    for uri in uris:
+        try:
+            infos.append((uri, storage.stat(uri)))
+        except FileNotFoundError as err:
+            missing.append((uri, err))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, first: {missing[0]}")
-    return paths
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, first: {missing[0][0]} "
+                                f"({missing[0][1]})")
+    return infos
+
+
+def _list_tars_below(folder: str) -> list[str]:
+    """URIs of every .tar object under the S3 folder `folder`, at any depth."""
+    store = storage.open_store(folder)
+    return [store.uri(key) for key in store.list() if key.endswith(".tar")]
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -68,11 +154,12 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def _scan_shard(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {extension: (data offset, size)}) per sample of one tar, reading headers only."""
+def _scan_shard(path: str, fileobj=None) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {extension: (data offset, size)}) per sample of one tar, reading headers only; `fileobj`
+    (a seekable file such as a RangedReader) replaces opening `path`, which errors then name."""
     try:
         # "r:" refuses compressed tars: their members cannot be reached by seeking.
-        tar = tarfile.open(path, "r:")
+        tar = tarfile.open(path, "r:") if fileobj is None else tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.ReadError as err:
         raise ValueError(
             f"{path} is not an uncompressed tar ({err}); random access needs plain .tar shards "
@@ -80,7 +167,7 @@ def _scan_shard(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
         ) from None
     with tar:
         key, members = None, {}
-        for info in tar:
+        for info in _members_of(tar, path):
             parts = split_member_name(info.name) if info.isreg() else None
             if parts is None or _META_MEMBER.match(info.name):
                 continue
@@ -91,8 +178,25 @@ def _scan_shard(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
             if parts[1] in members:
                 raise ValueError(f"{path}: duplicate member {info.name!r} (two '{parts[1]}' files for key {key!r})")
             members[parts[1]] = (info.offset_data, info.size)
+        if fileobj is not None:
+            _check_end_marker(fileobj, tar.offset, path)
         if members:
             yield key, members
+
+
+def _members_of(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
+    try:
+        yield from tar
+    except tarfile.ReadError as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); re-upload it") from None
+
+
+def _check_end_marker(fileobj, offset: int, path: str) -> None:
+    """tarfile takes a short or missing header for the end of the archive, so an object cut at a member
+    boundary would silently lose its last samples: require the zero block that ends every tar there."""
+    fileobj.seek(offset)
+    if fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise ValueError(f"{path} has no end-of-archive marker at byte {offset} (truncated upload?); re-upload it")
 
 
 class WebDatasetIndex:
@@ -103,15 +207,35 @@ class WebDatasetIndex:
     image, caption, metadata) for PairDataset. Files are opened lazily per process (so DataLoader
     workers never share a file position after fork), at most `max_open_files` at a time.
     Incomplete samples are left out of the index; `num_incomplete` and `incomplete_keys` report them.
+
+    `shard_paths` may name s3:// shards (see the module docstring): `readahead` is the largest
+    ranged GET of the header walk, `manifest` the URI or path of a SynthCaps-style manifest.json to
+    check the shards against (cheap checks only; ignored when it does not exist). `num_sidecars` and
+    `stale_sidecars` count the sidecar indexes used and the ones ignored because their shard changed;
+    `unlisted_shards` names shards the manifest does not record. `get_many` (what PairDataset uses for
+    a batch) overlaps the GETs of s3:// samples on `fetch_threads` threads per process.
     """
 
-    def __init__(self, shard_paths, max_open_files: int = 64):
-        self.shard_paths = expand_shards(shard_paths)
-        self.max_open_files = max_open_files
+    def __init__(self, shard_paths, max_open_files: int = 64, readahead: int = DEFAULT_READAHEAD,
+                 manifest: str | os.PathLike | None = None, fetch_threads: int = 8):
+        if readahead < MIN_READAHEAD:
+            raise ValueError(f"readahead={readahead} is too small: one GET must cover tarfile's 1-byte probe and "
+                             f"the 512-byte header after it; use >= {MIN_READAHEAD}")
+        listed_folders: list[str] = []
+        found = _expand_with_info(shard_paths, listed_folders)
+        self.shard_paths = [path for path, _ in found]
+        # ETag per s3:// shard ("" when the server gave none), None for a local file.
+        self._etags = [None if info is None else info.etag or "" for _, info in found]
+        self.max_open_files, self.fetch_threads = max_open_files, fetch_threads
+        self._pid, self._fds = None, OrderedDict()
+        self._stores_pid, self._stores, self._pool = None, {}, None
+        self.num_sidecars, self.stale_sidecars = 0, []
+        self.unlisted_shards = self._check_manifest(manifest, listed_folders) if manifest is not None else []
         keys, shard_ids, offsets, sizes, image_exts = [], [], [], [], []
         self.incomplete_keys: list[str] = []
-        for shard_id, path in enumerate(self.shard_paths):
-            for key, members in _scan_shard(path):
+        for shard_id, (path, info) in enumerate(found):
+            scanned = _scan_shard(path) if info is None else self._scan_remote(shard_id, info, readahead)
+            for key, members in scanned:
                 image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
                 if image_ext is None or "txt" not in members:
                     self.incomplete_keys.append(f"{path}:{key}")
@@ -134,7 +258,78 @@ class WebDatasetIndex:
                 "%d incomplete sample(s) (no image or no caption) left out of %d shard(s), first: %s",
                 self.num_incomplete, len(self.shard_paths), self.incomplete_keys[0],
             )
-        self._pid, self._fds = None, OrderedDict()
+
+    # ---- s3:// shards ----------------------------------------------------------------------------
+
+    def _check_manifest(self, manifest, listed_folders: list[str]) -> list[str]:
+        """Cheap checks against a SynthCaps-style manifest (see the module docstring); returns the
+        shards it does not list. Raises FileNotFoundError naming a listed shard that is missing."""
+        manifest = os.fspath(manifest)
+        try:
+            body = json.loads(storage.read_bytes(manifest))
+        except FileNotFoundError:
+            log.info("no manifest at %s: shards not checked against one", manifest)
+            return []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{manifest} is not valid JSON ({err}); regenerate the dataset's manifest") from None
+        files = body.get("files") if isinstance(body, dict) else None
+        if not isinstance(files, dict):
+            raise ValueError(f"{manifest} has no 'files' mapping of relative path -> sha256 (SynthCaps manifest "
+                             "format); regenerate it or pass manifest=None")
+        base = manifest[: -len(os.path.basename(manifest))].rstrip("/")
+        recorded = {f"{base}/{relpath}" for relpath in files if relpath.endswith(".tar")}
+        present = set(self.shard_paths)
+        missing = sorted(uri for uri in recorded if uri.rpartition("/")[0] in listed_folders and uri not in present)
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} shard(s) listed in {manifest} do not exist, first: {missing[0]}; upload the "
+                "missing shard(s) again (or regenerate the manifest if they were removed on purpose)")
+        unlisted = [path for path in self.shard_paths if path not in recorded]
+        if unlisted:
+            log.warning("%d of %d shard(s) are not listed in %s (added after it was written?), first: %s",
+                        len(unlisted), len(self.shard_paths), manifest, unlisted[0])
+        return unlisted
+
+    def _store(self, bucket: str):
+        """This process's store for `bucket`, opened on first use (credentials from the environment)."""
+        if self._stores_pid != os.getpid():
+            self._stores_pid, self._stores, self._pool = os.getpid(), {}, None
+        if bucket not in self._stores:
+            self._stores[bucket] = storage.open_store(S3_SCHEME + bucket)
+        return self._stores[bucket]
+
+    def _read_range(self, shard_id: int, start: int, length: int) -> bytes:
+        """`length` bytes of s3:// shard `shard_id`, refused by the server if it changed since indexing."""
+        bucket, key = split_s3_uri(self.shard_paths[shard_id])
+        return self._store(bucket).read_range(key, start, length, if_match=self._etags[shard_id] or None)
+
+    def _scan_remote(self, shard_id: int, info: ObjectInfo, readahead: int):
+        uri = self.shard_paths[shard_id]
+        members = _read_sidecar(uri, info)
+        if members == "stale":
+            self.stale_sidecars.append(uri + SIDECAR_SUFFIX)
+            log.warning("sidecar index %s%s does not match the shard's size/ETag (shard re-written?): ignored, "
+                        "walking the tar headers instead; rewrite it with write_shard_index", uri, SIDECAR_SUFFIX)
+        elif members is not None:
+            self.num_sidecars += 1
+            return members
+        reader = RangedReader(lambda start, length: self._read_range(shard_id, start, length), info.size, uri,
+                              readahead)
+        return _scan_shard(uri, fileobj=reader)
+
+    def _read_remote(self, index: int, shard_id: int) -> list[bytes | None]:
+        """The sample's members with one ranged GET spanning them (they are consecutive in the tar)."""
+        present = [member for member in range(len(_MEMBERS)) if self._offsets[index, member] >= 0]
+        start = min(int(self._offsets[index, member]) for member in present)
+        end = max(int(self._offsets[index, member] + self._sizes[index, member]) for member in present)
+        span = self._read_range(shard_id, start, end - start)
+        blobs: list[bytes | None] = [None] * len(_MEMBERS)
+        for member in present:
+            offset = int(self._offsets[index, member]) - start
+            blobs[member] = span[offset:offset + int(self._sizes[index, member])]
+        return blobs
+
+    # ---- access ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -161,12 +356,19 @@ class WebDatasetIndex:
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         shard_id = int(self._shard_ids[index])
-        fd = self._fd(shard_id)
         sample = {"__key__": self._keys[index].decode("utf-8"), "__url__": self.shard_paths[shard_id]}
-        sample[IMAGE_EXTENSIONS[self._image_exts[index]]] = self._read(fd, index, 0)
-        sample["txt"] = self._read(fd, index, 1).decode("utf-8")
-        if self._offsets[index, 2] >= 0:
-            sample["json"] = json.loads(self._read(fd, index, 2))
+        if self._etags[shard_id] is None:  # local file: pread from a cached descriptor
+            fd = self._fd(shard_id)
+            sample[IMAGE_EXTENSIONS[self._image_exts[index]]] = self._read(fd, index, 0)
+            sample["txt"] = self._read(fd, index, 1).decode("utf-8")
+            if self._offsets[index, 2] >= 0:
+                sample["json"] = json.loads(self._read(fd, index, 2))
+            return sample
+        image, caption, meta = self._read_remote(index, shard_id)
+        sample[IMAGE_EXTENSIONS[self._image_exts[index]]] = image
+        sample["txt"] = caption.decode("utf-8")
+        if meta is not None:
+            sample["json"] = json.loads(meta)
         return sample
 
     def get(self, index: int) -> tuple[Image.Image, str, dict]:
@@ -177,16 +379,87 @@ class WebDatasetIndex:
         meta = {**sample.get("json", {}), "__key__": sample["__key__"], "__url__": sample["__url__"]}
         return image, sample["txt"], meta
 
+    def get_many(self, indices) -> list[tuple[Image.Image, str, dict]]:
+        """`[get(i) for i in indices]`, in that order; the GETs of s3:// samples run concurrently (they
+        are latency-bound: one sample at a time leaves the connection idle most of the time)."""
+        indices = [int(i) for i in indices]
+        remote = [i for i in indices if 0 <= i < len(self) and self._etags[int(self._shard_ids[i])] is not None]
+        if len(remote) < 2 or self.fetch_threads < 2:
+            return [self.get(i) for i in indices]
+        for shard_id in {int(self._shard_ids[i]) for i in remote}:  # open stores here, not racing in threads
+            self._store(split_s3_uri(self.shard_paths[shard_id])[0])
+        if self._pool is None:  # per process: _store() drops a pool inherited through fork
+            self._pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="alignlab-s3-read")
+        return list(self._pool.map(self.get, indices))
+
     def close(self) -> None:
-        """Close this process's open shard files."""
+        """Close this process's open shard files (and its S3 fetch threads)."""
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
         self._fds = OrderedDict()
+        if self._pool is not None and self._stores_pid == os.getpid():
+            self._pool.shutdown()
+        self._pool = None
 
     def __getstate__(self) -> dict:
-        # Descriptors do not survive pickling (spawned workers); the new process opens its own.
-        return {**self.__dict__, "_pid": None, "_fds": OrderedDict()}
+        # Descriptors, S3 clients and threads do not survive pickling (spawned workers): the new process
+        # opens its own, with credentials from its environment, so none travel in the pickle.
+        return {**self.__dict__, "_pid": None, "_fds": OrderedDict(), "_stores_pid": None, "_stores": {},
+                "_pool": None}
+
+
+def _shard_members(scanned) -> list:
+    return [[key, {ext: list(located) for ext, located in members.items()}] for key, members in scanned]
+
+
+def _read_sidecar(uri: str, info: ObjectInfo):
+    """The members recorded in `<uri>.index.json`; None when there is none, "stale" when it was
+    written for another version of the shard (size or ETag differ)."""
+    sidecar = uri + SIDECAR_SUFFIX
+    try:
+        body = json.loads(storage.read_bytes(sidecar))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{sidecar} is not valid JSON ({err}); delete it or rewrite it with "
+                         "write_shard_index") from None
+    if not isinstance(body, dict) or body.get("format") != SIDECAR_FORMAT or body.get("version") != SIDECAR_VERSION:
+        raise ValueError(f"{sidecar} is not a {SIDECAR_FORMAT} v{SIDECAR_VERSION} file; delete it or rewrite it "
+                         "with write_shard_index")
+    if body.get("size") != info.size or (body.get("etag") or "") != (info.etag or ""):
+        return "stale"
+    try:
+        members = [(key, {ext: (int(offset), int(size)) for ext, (offset, size) in located.items()})
+                   for key, located in body["samples"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{sidecar}: malformed 'samples' ({err!r}); rewrite it with write_shard_index") from None
+    beyond = [key for key, located in members if any(o < 0 or o + n > info.size for o, n in located.values())]
+    if beyond:
+        raise ValueError(f"{sidecar}: member offsets of {beyond[0]!r} lie outside the {info.size}-byte shard; "
+                         "rewrite it with write_shard_index")
+    return members
+
+
+def write_shard_index(shard: str | os.PathLike, readahead: int = DEFAULT_READAHEAD) -> str:
+    """Walk the headers of one shard (local path or s3:// URI) and write its sidecar index
+    `<shard>.index.json` next to it: {"format", "version", "size", "etag", "samples": [[key, {ext:
+    [offset, size]}]]}. WebDatasetIndex then builds its index of an s3:// shard from one GET of the
+    sidecar instead of the header walk, as long as size and ETag still match. Returns the sidecar's URI."""
+    shard = os.fspath(shard)
+    info = storage.stat(shard)
+    if is_remote(shard):
+        bucket, key = split_s3_uri(shard)
+        store = storage.open_store(S3_SCHEME + bucket)
+        reader = RangedReader(lambda start, length: store.read_range(key, start, length, if_match=info.etag),
+                              info.size, shard, readahead)
+        members = _shard_members(_scan_shard(shard, fileobj=reader))
+    else:
+        members = _shard_members(_scan_shard(shard))
+    body = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "size": info.size, "etag": info.etag,
+            "samples": members}
+    storage.write_bytes(shard + SIDECAR_SUFFIX, json.dumps(body, separators=(",", ":")).encode())
+    return shard + SIDECAR_SUFFIX
 
 
 def iter_webdataset(urls, incomplete: list[str] | None = None) -> Iterator[dict]:

@@ -57,6 +57,18 @@ class FilterStats:
         lines += [f"{r['filters']:<{width}}  {r['count']:>12,}  {r['percent']:>9.2f}" for r in self.rows()]
         return "\n".join(lines)
 
+    def to_markdown(self) -> str:
+        """The table as Markdown (DiHT Table A.3 layout: filters applied so far, count, % of the full set)."""
+        lines = ["| filters | # examples | % of full |", "|---|---:|---:|"]
+        lines += [f"| {r['filters']} | {r['count']:,} | {r['percent']:.2f} |" for r in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: stages, their labels, the total, removals per stage, the table rows and the examples."""
+        return {"stages": list(self.stages), "labels": list(self.labels), "total": self.total,
+                "removed_by": dict(self.removed_by), "rows": self.rows(),
+                "kept": self.total - sum(self.removed_by.values()), "examples": self.examples}
+
 
 @dataclass
 class FilterResult:

@@ -2,6 +2,13 @@
 equation; cross-rank gathering is shared in `alignlab.losses.distributed`."""
 
 from alignlab.losses.clip import clip_loss
+from alignlab.losses.distill import (
+    distribution_distill_loss,
+    embedding_distill_loss,
+    keep_top_k,
+    soft_target_cross_entropy,
+    topk_distribution,
+)
 from alignlab.losses.distributed import (
     LossBatch,
     gather_column_values,
@@ -14,10 +21,15 @@ from alignlab.losses.psd import psd_loss, psd_loss_terms
 __all__ = [
     "LossBatch",
     "clip_loss",
+    "distribution_distill_loss",
+    "embedding_distill_loss",
     "gather_column_values",
     "gather_features",
     "gather_row_values",
     "hn_nce_loss",
+    "keep_top_k",
     "psd_loss",
     "psd_loss_terms",
+    "soft_target_cross_entropy",
+    "topk_distribution",
 ]

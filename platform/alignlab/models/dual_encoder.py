@@ -2,6 +2,10 @@
 
 Features are L2-normalised by default; the learnable logit scale s = 1/tau lives in log space
 (initialised to log(1/0.07)) and is capped at 100, as in CLIP, PSD and DiHT.
+
+Distillation heads (SPEC 3.2: the concept heads `f_obj`, `f_attr`, the ED projection) are linear layers on
+the image embedding, added only when a run distils; they are saved with the model and ignored by
+`encode_image` / `encode_text`, so evaluation never sees them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,27 @@ class DualEncoder(nn.Module):
         nn.init.normal_(self.image_proj.weight, std=image_tower.num_features**-0.5)
         nn.init.normal_(self.text_proj.weight, std=text_tower.num_features**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.heads = nn.ModuleDict()
+        self.image_tower_locked = False
+
+    def add_heads(self, sizes: dict[str, int]) -> None:
+        """Add a linear head `image embedding [B, embed_dim] -> [B, size]` per name (once per name)."""
+        for name, size in sizes.items():
+            if name in self.heads:
+                raise ValueError(f"the model already has a head named {name!r}")
+            self.heads[name] = nn.Linear(self.embed_dim, size)
+
+    def set_image_tower_locked(self, locked: bool) -> None:
+        """Lock (LiT) or unlock the image tower: no gradient, and eval mode (norms, dropout) while locked."""
+        self.image_tower_locked = locked
+        self.image_tower.requires_grad_(not locked)
+        self.image_tower.train(self.training and not locked)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        if self.image_tower_locked:
+            self.image_tower.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.image_proj(self.image_tower(images))
@@ -53,12 +78,28 @@ class DualEncoder(nn.Module):
         features = self.text_proj(self.text_tower(tokens))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def project_image_features(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """Map image-tower-width features (e.g. a teacher's of the same width) into the shared space."""
+        return F.normalize(self.image_proj(tower_features), dim=-1)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "image_features": self.encode_image(images),
+        """Features and logit scale; each distillation head adds `head/<name>` (its outputs on the image
+        embedding), computed here so that DDP sees every parameter used in its forward."""
+        image_features = self.encode_image(images)
+        outputs = {
+            "image_features": image_features,
             "text_features": self.encode_text(tokens),
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
+        return outputs | {f"head/{name}": head(image_features) for name, head in self.heads.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As `nn.Module.load_state_dict`; heads saved in `state_dict` that this model lacks (e.g. a model
+        rebuilt for evaluation from the config alone) are first created from their saved shapes."""
+        sizes = {key.split(".")[1]: value.shape[0] for key, value in state_dict.items()
+                 if key.startswith("heads.") and key.endswith(".weight") and key.split(".")[1] not in self.heads}
+        self.add_heads(sizes)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

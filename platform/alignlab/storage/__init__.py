@@ -14,6 +14,11 @@ Guarantees:
 - S3 credentials only from the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or
   MINIO_ACCESS_KEY / MINIO_SECRET_KEY), endpoint AWS_ENDPOINT_URL or S3_ENDPOINT_URL, optional
   AWS_REGION. The `minio` package (extra "storage") is imported only when an s3:// URI is opened.
+- Random access: `read_range(uri, start, length)` (`Store.read_range`) returns exactly `length`
+  bytes with one ranged GET under the same retry policy, and `stat(uri)` gives size and ETag; a
+  `RangedReader` turns them into a seekable file, which is how training walks tar shards in S3
+  (`alignlab.data.shards.WebDatasetIndex`). Pickled S3 stores carry no credentials: the copy reads
+  them from its own process's environment.
 - Manifests: `write_manifest` records the sha256 of every object, `verify_manifest` and
   `read_bytes(..., expected_sha256=...)` raise ChecksumMismatchError naming each bad object.
 """
@@ -25,17 +30,22 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
 from alignlab.storage.base import (DEFAULT_ATTEMPTS, DEFAULT_PART_SIZE, S3_SCHEME, ChecksumMismatchError,
-                                   RetryPolicy, Store, split_s3_uri)
+                                   ObjectInfo, RetryPolicy, Store, split_s3_uri)
 from alignlab.storage.local import LocalStore, iter_chunks
+from alignlab.storage.ranged import RangedReader
 
-__all__ = ["ChecksumMismatchError", "LocalStore", "MANIFEST_NAME", "RetryPolicy", "Store", "download_file",
-           "exists", "list_prefix", "load_manifest", "open_read", "open_store", "read_bytes", "sha256_of",
-           "upload_file", "url_for_webdataset", "verify_manifest", "write_bytes", "write_manifest"]
+__all__ = ["ChecksumMismatchError", "LocalStore", "MANIFEST_NAME", "ObjectInfo", "RangedReader", "RetryPolicy",
+           "Store", "download_file", "download_tree", "exists", "is_remote", "list_prefix", "load_manifest",
+           "open_read", "open_store", "read_bytes", "read_range", "sha256_of", "stat", "upload_file",
+           "url_for_webdataset", "verify_manifest", "write_bytes", "write_manifest"]
 
 MANIFEST_NAME = "storage-manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -83,6 +93,23 @@ def read_bytes(uri: str | os.PathLike, expected_sha256: str | None = None) -> by
     return data
 
 
+def read_range(uri: str | os.PathLike, start: int, length: int) -> bytes:
+    """Exactly `length` bytes of the object from offset `start` (one ranged GET on S3)."""
+    store, key = _locate(uri)
+    return store.read_range(key, start, length)
+
+
+def stat(uri: str | os.PathLike) -> ObjectInfo:
+    """Size (and ETag on S3) of the object; FileNotFoundError naming it when missing."""
+    store, key = _locate(uri)
+    return store.stat(key)
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """Whether `uri` names object storage (s3://) rather than a local path."""
+    return _check_scheme(uri).startswith(S3_SCHEME)
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     store, key = _locate(uri)
     store.write_bytes(key, data)
@@ -107,6 +134,47 @@ def upload_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
 def download_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
     store, key = _locate(uri)
     store.download_file(key, local_path)
+
+
+def download_tree(uri_prefix: str | os.PathLike, keys: Iterable[str], local_dir: str | os.PathLike,
+                  checksums: dict[str, str] | None = None, threads: int = 8) -> Path:
+    """Download the objects `keys` (relative to `uri_prefix`) into the folder `local_dir`, all or nothing.
+
+    Everything lands in a temporary sibling folder first; `local_dir` appears (one rename) only once
+    every object is there and, for keys in `checksums` (key -> sha256, e.g. a manifest's `files`),
+    verified. A failure leaves no `local_dir` and no temporary folder; ChecksumMismatchError names each
+    bad object. If another process completed `local_dir` meanwhile, its copy is kept. Objects are
+    fetched on `threads` threads (small files are latency-bound)."""
+    store, local_dir = open_store(uri_prefix), Path(local_dir)
+    keys = sorted(set(keys))
+    if not keys:
+        raise ValueError(f"download_tree({store.root!r}) got no keys to download")
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local_dir.parent / f".{local_dir.name}.partial-{uuid.uuid4().hex}"
+
+    def fetch(key: str) -> tuple[str, str, str] | None:
+        data = store.read_bytes(key)
+        target = tmp.joinpath(*key.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        want = (checksums or {}).get(key)
+        if want is not None and (got := hashlib.sha256(data).hexdigest()) != want:
+            return store.uri(key), want, got
+        return None
+
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            bad = [found for found in pool.map(fetch, keys) if found is not None]
+        if bad:
+            raise ChecksumMismatchError({uri: (want, got) for uri, want, got in bad})
+        try:
+            os.rename(tmp, local_dir)
+        except OSError:
+            if not local_dir.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local_dir
 
 
 def open_read(uri: str | os.PathLike) -> BinaryIO:

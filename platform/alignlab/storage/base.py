@@ -25,6 +25,15 @@ DEFAULT_ATTEMPTS = 5
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD (or os.stat) tells about an object: its size and, on S3, its ETag (unquoted).
+    Local files have no ETag (None)."""
+
+    size: int
+    etag: str | None = None
+
+
 class Store(Protocol):
     """The operations datasets, caches, checkpoints and reports need from a storage backend."""
 
@@ -40,6 +49,8 @@ class Store(Protocol):
     def upload_file(self, local_path: str | Path, key: str) -> None: ...
     def download_file(self, key: str, local_path: str | Path) -> None: ...
     def open_read(self, key: str) -> BinaryIO: ...
+    def stat(self, key: str) -> ObjectInfo: ...
+    def read_range(self, key: str, start: int, length: int) -> bytes: ...
 
 
 class ChecksumMismatchError(ValueError):
@@ -69,6 +80,21 @@ def check_key(key: str) -> str:
         raise ValueError(f"invalid storage key {key!r}: use a relative path like 'train/shard-000000.tar' "
                          "without empty, '.' or '..' components")
     return key
+
+
+def check_range(uri: str, start: int, length: int) -> None:
+    """Reject a negative start or length before any request is made."""
+    if start < 0 or length < 0:
+        raise ValueError(f"read_range({uri!r}, start={start}, length={length}): start and length must be >= 0")
+
+
+def checked_range(uri: str, data: bytes, start: int, length: int) -> bytes:
+    """`data` if it holds exactly the `length` bytes asked for; a short read means the object ends
+    before `start + length` (it is smaller than whoever computed the range believed)."""
+    if len(data) != length:
+        raise OSError(f"{uri}: read {len(data)} of {length} bytes at offset {start}: the object is shorter "
+                      "than expected (truncated, or changed since it was indexed); re-upload it or rebuild the index")
+    return data
 
 
 @dataclass(frozen=True)

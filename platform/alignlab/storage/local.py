@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from alignlab.storage.base import MiB, check_key
+from alignlab.storage.base import MiB, ObjectInfo, check_key, check_range, checked_range
 
 PARTIAL_MARKER = ".partial-"
 CHUNK = MiB
@@ -105,3 +105,17 @@ class LocalStore:
 
     def open_read(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size of the file (FileNotFoundError names it when missing); local files have no ETag."""
+        return ObjectInfo(size=self._path(key).stat().st_size)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Exactly `length` bytes from offset `start`; OSError naming the file if it ends before that."""
+        uri = self.uri(key)
+        check_range(uri, start, length)
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            return checked_range(uri, os.pread(fd, length, start), start, length)
+        finally:
+            os.close(fd)

@@ -14,6 +14,7 @@ writer raises; after a hard kill the orphaned parts stay invisible until a bucke
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import sys
@@ -28,8 +29,8 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import MIN_PART_SIZE, check_bucket_name
 
-from alignlab.storage.base import (DEFAULT_PART_SIZE, RetryPolicy, S3_SCHEME, call_with_retries, check_key,
-                                   split_s3_uri)
+from alignlab.storage.base import (DEFAULT_PART_SIZE, ObjectInfo, RetryPolicy, S3_SCHEME, call_with_retries,
+                                   check_key, check_range, checked_range, split_s3_uri)
 from alignlab.storage.local import CHUNK, iter_chunks, write_atomically
 
 ACCESS_KEY_VARS = ("AWS_ACCESS_KEY_ID", "MINIO_ACCESS_KEY")
@@ -135,6 +136,12 @@ class S3Store:
     def __repr__(self) -> str:
         return f"S3Store(root={self.root!r}, endpoint={self.settings.endpoint!r})"
 
+    def __reduce__(self):
+        # Pickling (e.g. a dataset sent to a spawned DataLoader worker) must never carry the credentials:
+        # the copy keeps endpoint, region, bucket and policies and reads the keys from its own environment.
+        return (_unpickle_store, (self.settings.endpoint, self.settings.region, self.bucket, self.prefix,
+                                  self.retry, self.part_size))
+
     @property
     def _client(self) -> Minio:
         # Rebuilt after fork so a worker process never reuses its parent's sockets.
@@ -174,6 +181,12 @@ class S3Store:
             return self._missing_bucket(uri)
         if isinstance(exc, S3Error) and exc.code in NOT_FOUND_CODES:
             return FileNotFoundError(f"{uri} does not exist ({exc.code} at {endpoint})")
+        if isinstance(exc, S3Error) and exc.code == "PreconditionFailed":
+            return OSError(f"{uri} changed since it was indexed (its ETag no longer matches): the object was "
+                           "overwritten; restart to rebuild the index, or restore the object")
+        if isinstance(exc, S3Error) and exc.code == "InvalidRange":
+            return OSError(f"{action} {uri}: the range starts past the end of the object (truncated, or changed "
+                           "since it was indexed); re-upload it or rebuild the index")
         if isinstance(exc, S3Error) and exc.code in DENIED_CODES:
             return PermissionError(f"{action} {uri} refused by {endpoint} ({exc.code}): check AWS_ACCESS_KEY_ID / "
                                    "AWS_SECRET_ACCESS_KEY and the bucket policy")
@@ -254,6 +267,48 @@ class S3Store:
         """A readable stream of the object; close it after use. Only opening is retried: a connection
         lost mid-stream raises to the reader."""
         return self._run("open", self.uri(key), lambda: self._client.get_object(self.bucket, self._name(key)))
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and ETag from one HEAD; FileNotFoundError naming the URI (or the bucket) when missing."""
+        def head() -> ObjectInfo:
+            try:
+                found = self._client.stat_object(self.bucket, self._name(key))
+            except S3Error as exc:
+                # A HEAD response has no body, so a missing bucket also reads as NoSuchKey: ask about the bucket.
+                if exc.code == "NoSuchKey" and not self._client.bucket_exists(self.bucket):
+                    raise self._missing_bucket(self.uri(key)) from None
+                raise
+            return ObjectInfo(size=int(found.size), etag=found.etag or None)
+        return self._run("stat", self.uri(key), head)
+
+    def read_range(self, key: str, start: int, length: int, if_match: str | None = None) -> bytes:
+        """Exactly `length` bytes from offset `start`, with one ranged GET retried like every read.
+
+        `if_match` (an ETag from `stat`) makes the GET conditional: if the object was overwritten since,
+        the server refuses (412) and the error says so, instead of returning bytes of the new object at
+        offsets computed for the old one. A range past the end of the object is an OSError naming it."""
+        uri = self.uri(key)
+        check_range(uri, start, length)
+        if length == 0:  # minio reads length=0 as "to the end of the object"
+            return b""
+        headers = {"If-Match": f'"{if_match}"'} if if_match else None
+
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, self._name(key), offset=start, length=length,
+                                               request_headers=headers)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        return checked_range(uri, self._run("read", uri, fetch), start, length)
+
+
+def _unpickle_store(endpoint: str, region: str | None, bucket: str, prefix: str, retry: RetryPolicy,
+                    part_size: int) -> S3Store:
+    """The other half of `S3Store.__reduce__`: same endpoint, credentials from this process's environment."""
+    settings = dataclasses.replace(settings_from_env(), endpoint=endpoint, region=region)
+    return S3Store(settings, bucket, prefix.rstrip("/"), retry, part_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alignlab.config import DataConfig, ExperimentConfig, LossConfig, ModelConfig
+from alignlab.config import DataConfig, DistillConfig, ExperimentConfig, ImageTowerConfig, LossConfig, ModelConfig
 from alignlab.data.dataset import PairDataset, open_train_source
 from alignlab.data.shards import WebDatasetIndex
 from alignlab.data.tokenizers import build_tokenizer
 from alignlab.data.transforms import build_image_transform
 from alignlab import losses
 from alignlab.models import build_dual_encoder
+from alignlab.training.optim import GroupRule
 from alignlab.training.psd_partition import aligned_mask, alpha_at
+from alignlab.training.teacher_targets import TeacherTargets, target_sizes
 
 
 def seed_everything(seed: int) -> None:
@@ -26,8 +29,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_data_root(data: DataConfig) -> Path:
-    """Where the dataset lives: `root` itself, or a per-generator-config folder under it for SynthCaps."""
+def resolve_data_root(data: DataConfig) -> Path | str:
+    """Where the dataset lives: `root` itself, or a per-generator-config folder under it for SynthCaps.
+
+    An `s3://bucket/prefix` root is returned as that URI string (a Path would fold its `//`); training
+    then streams its webdataset shards from S3 (alignlab.data.shards). SynthCaps is generated locally,
+    so `data.synth` with an s3:// root is refused."""
+    if data.root.startswith("s3://"):
+        if data.synth is not None:
+            raise ValueError(f"data.synth generates SynthCaps on local disk, but data.root is {data.root}: "
+                             "generate it locally, upload the folder, and set data.synth to null")
+        return data.root.rstrip("/")
     root = Path(data.root)
     if data.synth is None:
         return root
@@ -35,11 +47,16 @@ def resolve_data_root(data: DataConfig) -> Path:
     return root / f"synthcaps-{digest[:12]}"
 
 
-def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, data_root: Path | None = None):
+def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, data_root: Path | str | None = None):
     """CLIP BPE, or WordPiece from a vocab file; without one, WordPiece is trained on the training
     captions once and its vocabulary kept next to the data (`wordpiece-<size>.txt`) for later runs."""
     tok = model.tokenizer
     vocab_file = tok.vocab_file
+    needs_local_root = (vocab_file is not None and not Path(vocab_file).is_absolute()) or (
+        tok.kind == "wordpiece" and vocab_file is None)
+    if isinstance(data_root, str) and needs_local_root:
+        raise ValueError(f"model.tokenizer.vocab_file must be an absolute local path when data.root is {data_root}: "
+                         "vocabularies next to the data (and the WordPiece cache) live on local disk only")
     if vocab_file and data_root is not None and not Path(vocab_file).is_absolute():
         candidate = data_root / vocab_file
         vocab_file = str(candidate) if candidate.exists() else vocab_file
@@ -64,9 +81,55 @@ def _training_captions(source) -> list[str]:
     return captions
 
 
-def _train_spec(data: DataConfig, data_root: Path) -> str:
+def _train_spec(data: DataConfig, data_root: Path | str) -> str:
+    if data.train.startswith("s3://"):
+        return data.train
+    if isinstance(data_root, str):  # s3:// root
+        if Path(data.train).is_absolute():
+            raise ValueError(f"data.train={data.train!r} is a local path but data.root is {data_root}; give it "
+                             "relative to the root (e.g. 'train') or as an s3:// URI")
+        return f"{data_root}/{data.train.strip('/')}"
     train = Path(data.train)
     return str(train if train.is_absolute() else data_root / train)
+
+
+def _manifest_for(data_root: Path | str) -> str | None:
+    """The manifest.json that s3:// shards are checked against (cheaply, see alignlab.data.shards);
+    local datasets are read as before, unchecked."""
+    return f"{data_root}/manifest.json" if isinstance(data_root, str) else None
+
+
+EVAL_FOLDERS = ("retrieval", "classification", "shift")  # what alignlab.evaluate reads (data-formats.md)
+
+
+def local_eval_root(data_root: Path | str, cache_dir: str | Path | None = None) -> Path:
+    """The folder evaluation reads from local disk: `data_root` itself, or for an s3:// root a copy of
+    its small evaluation folders (retrieval/, classification/, shift/) plus manifest.json under
+    `<cache_dir>/<manifest's dataset_hash>` (default $ALIGNLAB_CACHE_DIR/datasets, else
+    ~/.cache/alignlab/datasets), downloaded once, verified against the manifest's sha256, and reused
+    by every later run on the same dataset content. Train shards are never downloaded."""
+    if not isinstance(data_root, str):
+        return Path(data_root)
+    from alignlab import storage
+
+    manifest_uri = f"{data_root}/manifest.json"
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_uri))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"evaluating on {data_root} needs {manifest_uri} (it names and checksums the "
+                                "evaluation files); upload the dataset with its manifest, or set "
+                                "eval.enabled=false") from None
+    files, digest = manifest.get("files"), manifest.get("dataset_hash")
+    if not isinstance(files, dict) or not isinstance(digest, str) or not digest.isalnum():
+        raise ValueError(f"{manifest_uri} needs a 'files' mapping and an alphanumeric 'dataset_hash' (SynthCaps "
+                         "manifest format) to cache the evaluation folders")
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("ALIGNLAB_CACHE_DIR") or Path.home() / ".cache" / "alignlab") / "datasets"
+    target = Path(cache_dir) / digest
+    if not target.is_dir():
+        keys = [key for key in files if key.split("/")[0] in EVAL_FOLDERS] + ["manifest.json"]
+        storage.download_tree(data_root, keys, target, checksums={k: v for k, v in files.items() if k in keys})
+    return target
 
 
 def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
@@ -81,7 +144,7 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
         text = {"kind": "hf", "source": t.hf_name_or_path or t.hf_config, "pool": t.pool}
     net = build_dual_encoder(
         embed_dim=model.embed_dim,
-        image=model.image.model_dump(),
+        image=model.image.model_dump(include={"name", "pretrained", "kwargs"}),
         text=text,
         init_logit_scale=model.init_logit_scale,
         max_logit_scale=model.max_logit_scale,
@@ -97,14 +160,44 @@ def transforms_from_config(data: DataConfig):
     return train, evaluate
 
 
-def train_dataset_from_config(data: DataConfig, data_root: Path, tokenizer, transform) -> PairDataset:
-    return PairDataset(open_train_source(data.format, _train_spec(data, data_root)), tokenizer, transform)
+def train_dataset_from_config(data: DataConfig, data_root: Path | str, tokenizer, transform) -> PairDataset:
+    source = open_train_source(data.format, _train_spec(data, data_root), manifest=_manifest_for(data_root))
+    return PairDataset(source, tokenizer, transform)
 
 
-def loss_from_config(loss: LossConfig, world_size: int, seed: int):
+def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: DistillConfig | None = None):
     """A callable `(outputs, batch_context) -> (terms, logs)`: named loss terms the trainer sums, and
-    scalars to log alongside them (e.g. PSD's alpha)."""
+    scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (SPEC 3.2)
+    join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
+    contrastive = _contrastive_loss(loss, mode, seed, distill or DistillConfig())
+    if distill is None or not (distill.concepts.names or distill.embedding.enabled):
+        return contrastive
+    c, e = distill.concepts, distill.embedding
+    weights = {"objects": c.weight_objects, "attributes": c.weight_attributes}
+
+    def with_distillation(outputs: dict, context: dict):
+        terms, logs = contrastive(outputs, context)
+        targets = context["targets"]
+        for name in c.names:  # L = L_contrastive + L_CE-obj + L_CE-attr
+            terms[f"cd_{name}"] = weights[name] * losses.soft_target_cross_entropy(outputs[f"head/{name}"],
+                                                                                   targets[name])
+        if e.enabled:
+            terms["ed"] = e.weight * losses.embedding_distill_loss(outputs["head/ed_projection"], targets["embedding"])
+        return terms, logs
+    return with_distillation
+
+
+def _contrastive_loss(loss: LossConfig, mode: str, seed: int, distill: DistillConfig):
+    if loss.name == "infonce" and distill.distribution.enabled:
+        d = distill.distribution
+
+        def distribution_distillation(outputs: dict, context: dict):
+            value = losses.distribution_distill_loss(
+                outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+                context["targets"]["distribution"], lam=d.lam, temperature=d.temperature, distributed=mode)
+            return {"contrastive": value}, {}
+        return distribution_distillation
 
     if loss.name == "infonce":
         def infonce(outputs: dict, context: dict):
@@ -131,6 +224,70 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int):
                          prediction=p.prediction, detach_targets=p.detach_targets, distributed=mode)
         return {"psd": value}, {"psd/alpha": alpha, "psd/aligned_fraction": float(mask.float().mean())}
     return progressive_self_distillation
+
+
+# ------------------------------------------------------------------------- teachers and the image tower
+
+def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, device: torch.device,
+                                source=None) -> TeacherTargets | None:
+    """Open the teacher cache (or load the teacher for online targets), add the heads the enabled losses
+    need to `model` (concept heads, the ED projection), and return the per-batch `TeacherTargets`.
+    `source`: the training source, whose sample keys a cache must match."""
+    d = cfg.distill
+    if not d.enabled:
+        return None
+    from alignlab.data.transforms import CLIP_MEAN, CLIP_STD
+    from alignlab.training.teacher_targets import open_teacher_source
+
+    names = d.needed_targets()
+    cache, teacher = open_teacher_source(d, data_root, device, source=source, image_size=cfg.data.image_size,
+                                         train=cfg.data.train)
+    sizes = target_sizes(names, cache=cache, teacher=teacher, image_size=cfg.data.image_size, device=device)
+    model.add_heads({name: sizes[name] for name in d.concepts.names})
+    if d.embedding.enabled:
+        model.add_heads({"ed_projection": sizes["embedding"]})
+    project = None
+    if d.distribution.enabled:
+        project = _teacher_projection(d.distribution.teacher_projection, model, sizes["embedding"])
+    return TeacherTargets(names, cache=cache, teacher=teacher, k=d.concepts.k, input_mean=CLIP_MEAN,
+                          input_std=CLIP_STD, project=project)
+
+
+def _teacher_projection(kind: str, model, width: int):
+    """DD: the teacher embedding in the student's shared space (see DistributionDistillConfig)."""
+    if kind == "image_proj":
+        if width != model.image_proj.in_features:
+            raise ValueError(f"distill.distribution.teacher_projection=image_proj needs the teacher embedding width "
+                             f"({width}) to equal the image tower's ({model.image_proj.in_features}); use a teacher "
+                             "with the student's tower architecture or teacher_projection=identity")
+        return model.project_image_features
+    if width != model.embed_dim:
+        raise ValueError(f"distill.distribution.teacher_projection=identity needs the teacher embedding width "
+                         f"({width}) to equal model.embed_dim ({model.embed_dim})")
+    return lambda embedding: torch.nn.functional.normalize(embedding, dim=-1)
+
+
+def param_group_rules(cfg: ExperimentConfig) -> tuple[GroupRule, ...]:
+    """Optimizer group rules: concept heads lr x head_lr_scale, wd x head_wd_scale (DiHT); the image tower
+    lr x lr_scale in ft / ft_delay (a locked tower has no trainable parameters)."""
+    rules = []
+    c = cfg.distill.concepts
+    if c.names:
+        rules.append(GroupRule("concept_heads", tuple(f"heads.{name}" for name in c.names),
+                               lr_scale=c.head_lr_scale, wd_scale=c.head_wd_scale))
+    if cfg.model.image.mode in ("ft", "ft_delay"):
+        rules.append(GroupRule("image_tower", ("image_tower",), lr_scale=cfg.model.image.lr_scale))
+    return tuple(rules)
+
+
+def image_tower_locked_at(image: ImageTowerConfig, step: int, total_steps: int) -> bool:
+    """Whether the image tower is locked during optimizer step `step` (0-based): always for LiT, for the
+    first round(delay x total_steps) steps with ft_delay, never otherwise."""
+    if image.mode == "locked":
+        return True
+    if image.mode == "ft_delay":
+        return step < round(image.delay * total_steps)
+    return False
 
 
 def experiment_summary(cfg: ExperimentConfig) -> str:

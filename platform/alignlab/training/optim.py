@@ -3,30 +3,59 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict]:
-    """Two AdamW groups: weight decay on weight matrices only.
+@dataclass(frozen=True)
+class GroupRule:
+    """Parameters whose names start with one of `prefixes` train at lr x `lr_scale` and weight decay x
+    `wd_scale` (DiHT: concept heads lr x10, wd x0.01; FT: image tower lr x0.01)."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    lr_scale: float = 1.0
+    wd_scale: float = 1.0
+
+    def matches(self, param_name: str) -> bool:
+        return any(param_name == p or param_name.startswith(f"{p}.") for p in self.prefixes)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str], rules: tuple[GroupRule, ...] = (),
+                 lr: float | None = None) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, and a decay / no-decay pair per rule.
 
     Biases, norm weights, embeddings and the logit scale get no decay (CLIP, DiHT Table A.2, the thesis).
+    The first two groups are the plain "decay" / "no_decay" ones; a parameter goes to the first rule it
+    matches; rule groups carry their own `lr` (needs `lr`) and are left out when empty. Parameters that
+    do not require a gradient (a LiT-locked tower) are left out altogether.
     """
-    decay, no_decay = [], []
+    if rules and lr is None:
+        raise ValueError("param_groups with rules needs the base lr to scale")
+    buckets: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name in no_decay_names else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        rule = next((r.name for r in rules if r.matches(name)), "")
+        buckets.setdefault((rule, name not in no_decay_names), []).append(param)
+    groups = [
+        {"params": buckets.get(("", True), []), "weight_decay": weight_decay, "name": "decay"},
+        {"params": buckets.get(("", False), []), "weight_decay": 0.0, "name": "no_decay"},
     ]
+    for rule in rules:
+        for decayed in (True, False):
+            if params := buckets.get((rule.name, decayed)):
+                groups.append({"params": params, "lr": lr * rule.lr_scale,
+                               "weight_decay": weight_decay * rule.wd_scale if decayed else 0.0,
+                               "name": f"{rule.name}/{'decay' if decayed else 'no_decay'}"})
+    return groups
 
 
 def build_optimizer(model: nn.Module, no_decay_names: set[str], *, lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    groups = param_groups(model, weight_decay, no_decay_names)
+                    betas: tuple[float, float], eps: float, rules: tuple[GroupRule, ...] = ()) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, no_decay_names, rules, lr=lr)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 

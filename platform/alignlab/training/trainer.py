@@ -8,6 +8,10 @@ Gradient accumulation splits each rank's batch into micro-batches without changi
 of all micro-batches are first computed without gradient, then each micro-batch is recomputed with
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
 still sees every negative of the full batch.
+
+Distillation (SPEC 3.2) adds two things per batch: the teacher targets (`TeacherTargets`, from a cache joined
+on sample indices or from the teacher online) go into the loss context, and the image tower is locked or
+unlocked for the step (LiT, FT-delay) as a pure function of the step, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -82,9 +86,9 @@ def train_step(model, loss_fn, images, tokens, context, *, accumulation: int, au
     for j, (im, tok) in enumerate(micro):
         with (contextlib.nullcontext() if j == len(micro) - 1 else sync()), autocast():
             live = model(im, tok)
-            outputs = {
+            outputs = {  # features and distillation-head outputs: one row per pair
                 name: torch.cat([live[name] if i == j else c[name] for i, c in enumerate(cached)])
-                for name in ("image_features", "text_features")
+                for name in live if name != "logit_scale"
             }
             # The logit scale must receive its gradient once, not once per micro-batch.
             outputs["logit_scale"] = live["logit_scale"] if j == 0 else live["logit_scale"].detach()
@@ -111,22 +115,28 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
     builders.seed_everything(cfg.seed)
     data_root = builders.resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
-    raw_model = builders.model_from_config(cfg.model, tokenizer).to(dist.device)
+    raw_model = builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
     dataset = builders.train_dataset_from_config(cfg.data, data_root, tokenizer, train_transform)
+    teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
+                                                           source=dataset.source)  # also adds the heads
+    raw_model.to(dist.device)
     sampler = ResumableBatchSampler(len(dataset), tcfg.batch_size, seed=cfg.seed, rank=dist.rank,
                                     world_size=dist.world_size, drop_last=True)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={tcfg.batch_size} exceeds the {len(dataset)} training samples")
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+    image_cfg = cfg.model.image
+    raw_model.set_image_tower_locked(image_cfg.mode == "locked")  # LiT: its parameters stay out of the optimizer
     optimizer = build_optimizer(raw_model, raw_model.no_weight_decay_param_names(), lr=tcfg.lr,
-                                weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas), eps=tcfg.eps)
+                                weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas), eps=tcfg.eps,
+                                rules=builders.param_group_rules(cfg))
     scheduler = build_scheduler(optimizer, warmup_steps_for(tcfg.warmup, total_steps), total_steps,
                                 tcfg.min_lr_ratio)
     precision, autocast = _autocast(tcfg.precision, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "amp_fp16")
-    loss_fn = builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed)
+    loss_fn = builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed, cfg.distill)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     history = _load_history(run_dir / "metrics.jsonl")
@@ -143,7 +153,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
             print(f"[alignlab] resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     elif not resume:
         history = []
-    model = DistributedDataParallel(raw_model) if dist.enabled else raw_model
+    # FT-delay: the tower's parameters get no gradient while locked, which DDP must be told to expect.
+    model = (DistributedDataParallel(raw_model, find_unused_parameters=image_cfg.mode == "ft_delay")
+             if dist.enabled else raw_model)
     _rewrite_history(run_dir / "metrics.jsonl", history, dist.is_main)
 
     def save(at_step: int) -> Path | None:
@@ -163,7 +175,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
         for images, tokens, indices in loader:
             tic = time.perf_counter()
             images, tokens = images.to(dist.device, non_blocking=True), tokens.to(dist.device, non_blocking=True)
-            context = {"indices": indices, "epoch": epoch, "step": step, "total_steps": total_steps}
+            locked = builders.image_tower_locked_at(image_cfg, step, total_steps)
+            if locked != raw_model.image_tower_locked:
+                raw_model.set_image_tower_locked(locked)  # FT-delay: the switch from LiT to FT
+            context = {"indices": indices, "epoch": epoch, "step": step, "total_steps": total_steps,
+                       "targets": teacher_targets(images, indices) if teacher_targets else {}}
             stats = train_step(model, loss_fn, images, tokens, context, accumulation=tcfg.accumulation_steps,
                                autocast=autocast, scaler=scaler)
             if tcfg.grad_clip is not None:
@@ -181,6 +197,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
 
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                       "step_time": time.perf_counter() - tic}
+            if image_cfg.mode == "ft_delay":
+                record["image_tower_locked"] = float(locked)
             record |= {k: float(all_reduce_mean(v)) if isinstance(v, torch.Tensor) else float(v)
                        for k, v in stats.items()}
             history.append(record)

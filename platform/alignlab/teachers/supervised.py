@@ -1,0 +1,281 @@
+"""`alignlab teacher train`: a small supervised image teacher on SynthCaps plus DiHT concept heads.
+
+(a) Supervised backbone (stand-in for SWAG / ResNet-50-A1, SPEC 3.2 and 4.2): a timm model, by default the
+    student's image tower (same name and kwargs as `model.image`), trained from scratch with a multi-label
+    head on the generator's TRUE labels from each sample's metadata: shapes (objects), colours and sizes
+    (attributes); binary cross entropy, AdamW, cosine schedule. A held-out part of the training pairs
+    measures per-group accuracy (is the top-scoring shape / colour / size among the image's true ones).
+(b) Concept heads on the frozen backbone (`alignlab.teachers.concepts`), trained on concepts parsed from
+    the (possibly noisy) captions.
+
+Writes into the output folder: `teacher.json` (arch, kwargs, concept vocabularies, label names,
+normalisation, image size, training summary), `teacher.pth` (the `Teacher` state dict: backbone,
+true-label head, concept heads) and `backbone.pth` (the headless timm state dict, loadable with
+`model.image.pretrained=<dir>/backbone.pth`). teacher.json is written last, so a folder without it is
+an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from alignlab.data.dataset import open_train_source, sample_aug_seed
+from alignlab.data.synth.scene import COLOR_NAMES, SHAPES, SIZES
+from alignlab.data.transforms import CLIP_MEAN, CLIP_STD, build_image_transform
+from alignlab.teachers.concepts import (ConceptHeadConfig, build_vocabulary, caption_concepts, concept_targets,
+                                        resampling_weights, top1_in_concepts, train_concept_head)
+from alignlab.teachers.registry import (BACKBONE_WEIGHTS, CONCEPT_HEADS, TEACHER_JSON, TEACHER_WEIGHTS, Teacher,
+                                        TimmBackbone, state_dict_hash)
+from alignlab.training.checkpoint import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLOR_NAMES, "size": SIZES}
+LABEL_NAMES: list[str] = [name for names in LABEL_GROUPS.values() for name in names]
+
+
+@dataclass
+class TeacherTrainConfig:
+    """What `alignlab teacher train` trains; arch/kwargs default to the experiment config's image tower."""
+
+    arch: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 64
+    epochs: int = 3  # 2,000 pairs, tiny preset: 252 s on 2 shared (busy) cores; 10 epochs took 833 s
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    holdout: float = 0.1
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    seed: int = 0
+    concepts: ConceptHeadConfig = field(default_factory=ConceptHeadConfig)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"teacher train: epochs and batch_size must be >= 1 and lr > 0 (got {self.epochs}, "
+                             f"{self.batch_size}, {self.lr})")
+        tower_size = self.kwargs.get("img_size")
+        if tower_size is not None and tower_size != self.image_size:
+            raise ValueError(f"teacher train: image_size={self.image_size} but kwargs img_size={tower_size}; set both "
+                             "to the same size")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"teacher train: holdout is a fraction in (0, 1), got {self.holdout}")
+
+
+def default_arch() -> tuple[str, dict[str, Any], int]:
+    """(timm name, kwargs, image size) of the default experiment config's image tower (the student's)."""
+    from alignlab.config import load_config
+
+    cfg = load_config(None, [])
+    return cfg.model.image.name, dict(cfg.model.image.kwargs), cfg.data.image_size
+
+
+def true_labels(meta: dict, where: str) -> torch.Tensor:
+    """Multi-hot [len(LABEL_NAMES)] of the shapes, colours and sizes of the sample's true objects."""
+    objects = meta.get("objects")
+    if not objects:
+        raise ValueError(f"{where}: sample metadata has no 'objects' (true labels); teacher train needs SynthCaps "
+                         "train shards with their <key>.json metadata")
+    labels = torch.zeros(len(LABEL_NAMES))
+    offset = 0
+    for group, names in LABEL_GROUPS.items():
+        for obj in objects:
+            if obj.get(group) not in names:
+                raise ValueError(f"{where}: object {obj} has {group}={obj.get(group)!r}, not one of {names}")
+            labels[offset + names.index(obj[group])] = 1.0
+        offset += len(names)
+    return labels
+
+
+def load_training_set(data_root: Path, train: str = "train"
+                      ) -> tuple[list[Image.Image], list[str], torch.Tensor, list[str]]:
+    """(images, captions, true labels [N, L], sample keys) of every training pair, decoded once."""
+    source = open_train_source("webdataset", str(Path(data_root) / train))
+    images, captions, labels, keys = [], [], [], []
+    for index in range(len(source)):
+        image, caption, meta = source.get(index)
+        images.append(image)
+        captions.append(caption)
+        labels.append(true_labels(meta, f"{meta['__url__']}:{meta['__key__']}"))
+        keys.append(meta["__key__"])
+    if source.num_incomplete:
+        log.warning("%d incomplete training sample(s) skipped (no image or caption)", source.num_incomplete)
+    return images, captions, torch.stack(labels), keys
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(n * holdout)))
+    if held >= n:
+        raise ValueError(f"holdout={holdout} of {n} samples leaves nothing to train on")
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_backbone(model: torch.nn.Module, images: list[Image.Image], labels: torch.Tensor, rows: torch.Tensor,
+                   config: TeacherTrainConfig) -> list[float]:
+    """Multi-label BCE training of `model` (timm, num_classes = len(LABEL_NAMES)); returns the mean loss per epoch."""
+    transform = build_image_transform(config.image_size, train=True, crop_scale=config.crop_scale)
+    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(total * config.warmup_fraction)
+    epoch_losses, step = [], 0
+    model.train()
+    for epoch in range(config.epochs):
+        order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))]
+        total_loss = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size].tolist()
+            x = torch.stack([transform(images[i], torch.Generator().manual_seed(sample_aug_seed(config.seed, epoch, i)))
+                             for i in batch])
+            loss = F.binary_cross_entropy_with_logits(model(x), labels[batch])
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, total, warmup, config.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(batch)
+            step += 1
+        epoch_losses.append(total_loss / len(order))
+        log.info("teacher epoch %d/%d: loss %.4f", epoch + 1, config.epochs, epoch_losses[-1])
+    model.eval()
+    return epoch_losses
+
+
+@torch.no_grad()
+def embed_and_classify(model: torch.nn.Module, images: list[Image.Image], image_size: int,
+                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logits features [N, D], label logits [N, L]) of every image under the eval transform."""
+    transform = build_image_transform(image_size, train=False)
+    backbone = TimmBackbone(model).eval()
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([transform(image) for image in images[start:start + batch_size]])
+        embedding, label_logits = backbone(x)
+        features.append(embedding)
+        logits.append(label_logits)
+    return torch.cat(features), torch.cat(logits)
+
+
+def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per label group: `top1` = fraction of images whose top-scoring class of the group is a true one;
+    `chance` = the same for a uniformly random guess (mean of #true / #classes)."""
+    out, offset = {}, 0
+    for group, names in LABEL_GROUPS.items():
+        block_logits, block_labels = logits[:, offset:offset + len(names)], labels[:, offset:offset + len(names)]
+        hit = block_labels.gather(1, block_logits.argmax(dim=1, keepdim=True)).squeeze(1)
+        out[group] = {"top1": float(hit.mean()), "chance": float(block_labels.sum(1).mean() / len(names))}
+        offset += len(names)
+    return out
+
+
+def train_teacher(data_root: str | Path, out_dir: str | Path, config: TeacherTrainConfig | None = None,
+                  train: str = "train") -> dict:
+    """Train the supervised backbone and the concept heads on SynthCaps at `data_root`; write the teacher
+    folder `out_dir` (see the module docstring) and return teacher.json's content."""
+    config = config or TeacherTrainConfig()
+    if not config.arch:
+        config.arch, config.kwargs, config.image_size = default_arch()
+    name = config.arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        raise ValueError(f"teacher arch {config.arch!r} is not a timm model; list candidates with timm.list_models()")
+    out_dir = Path(out_dir)
+    (out_dir / TEACHER_JSON).unlink(missing_ok=True)  # a crash below leaves an unfinished-looking folder
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+
+    images, captions, labels, keys = load_training_set(Path(data_root), train)
+    train_rows, held_rows = _split(len(images), config.holdout, config.seed)
+    model = timm.create_model(name, pretrained=False, num_classes=len(LABEL_NAMES), **config.kwargs)
+    epoch_losses = train_backbone(model, images, labels, train_rows, config)
+    supervised_seconds = time.perf_counter() - started
+
+    features, label_logits = embed_and_classify(model, images, config.image_size)
+    concepts_started = time.perf_counter()
+    parsed = caption_concepts(captions)
+    heads, vocabularies, concept_summary = {}, {}, {}
+    for head_name in CONCEPT_HEADS:
+        head, vocab, summary = _fit_concept_head(parsed[head_name], features, train_rows, held_rows, config.concepts)
+        heads[head_name], vocabularies[head_name], concept_summary[head_name] = head, vocab, summary
+
+    teacher = Teacher(TimmBackbone(model), mean=CLIP_MEAN, std=CLIP_STD, image_size=config.image_size,
+                      has_logits=True, heads=heads, concepts=vocabularies, label_names=LABEL_NAMES,
+                      source=str(out_dir))
+    summary = {
+        "num_samples": len(images), "num_train": len(train_rows), "num_holdout": len(held_rows),
+        "epochs": config.epochs, "loss_per_epoch": [round(v, 5) for v in epoch_losses],
+        "holdout_accuracy": label_accuracy(label_logits[held_rows], labels[held_rows]),
+        "train_accuracy": label_accuracy(label_logits[train_rows], labels[train_rows]),
+        "concept_heads": concept_summary,
+        "seconds": {"supervised": round(supervised_seconds, 2),
+                    "concept_heads": round(time.perf_counter() - concepts_started, 2),
+                    "total": round(time.perf_counter() - started, 2)},
+    }
+    return _write_teacher(out_dir, teacher, model, config, name, data_root, summary)
+
+
+def _fit_concept_head(concepts: list[list[str]], features: torch.Tensor, train_rows: torch.Tensor,
+                      held_rows: torch.Tensor, config: ConceptHeadConfig):
+    """Vocabulary from the training part, head trained on its rows that have a target, held-out top-1."""
+    train_concepts = [concepts[i] for i in train_rows.tolist()]
+    vocab, counts = build_vocabulary(train_concepts, config.min_count)
+    if not vocab:
+        raise ValueError(f"no concept occurs in >= min_count={config.min_count} training captions; lower "
+                         "--min-count or use more data")
+    targets, has_target = concept_targets(concepts, vocab)
+    weights = resampling_weights(concepts, vocab, counts)
+    fit = train_rows[has_target[train_rows]]
+    head, stats = train_concept_head(features[fit], targets[fit], weights[fit], config)
+    held = held_rows[has_target[held_rows]]
+    with torch.no_grad():
+        holdout_top1 = top1_in_concepts(head(features[held]), targets[held])
+    skipped = int(len(train_rows) - len(fit))
+    if skipped:
+        log.info("concept head: %d of %d training captions have no in-vocabulary concept (skipped)", skipped,
+                 len(train_rows))
+    return head, vocab, {"vocab_size": len(vocab), "trained_on": len(fit), "skipped_no_concept": skipped,
+                         "holdout_top1_in_concepts": holdout_top1, **stats}
+
+
+def _write_teacher(out_dir: Path, teacher: Teacher, model, config: TeacherTrainConfig, name: str, data_root,
+                   summary: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{c}." for c in classifiers))}
+    atomic_torch_save(backbone, out_dir / BACKBONE_WEIGHTS)
+    atomic_torch_save(teacher.state_dict(), out_dir / TEACHER_WEIGHTS)
+    manifest = Path(data_root) / "manifest.json"
+    meta = {
+        "format": "alignlab-teacher/1", "arch": f"timm:{name}", "kwargs": config.kwargs,
+        "image_size": config.image_size, "normalization": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+        "concepts": teacher.concepts, "label_names": LABEL_NAMES, "label_groups": {g: list(v) for g, v in
+                                                                                   LABEL_GROUPS.items()},
+        "weights_hash": teacher.weights_hash, "backbone_hash": state_dict_hash(backbone),
+        "data": {"root": str(data_root), "dataset_hash": json.loads(manifest.read_text()).get("dataset_hash")
+                 if manifest.is_file() else None},
+        "config": {**asdict(config), "concepts": asdict(config.concepts)}, "summary": summary,
+    }
+    payload = json.dumps(meta, indent=1, default=list).encode()
+    from alignlab.storage.local import write_atomically
+
+    write_atomically(out_dir / TEACHER_JSON, [payload])  # last: marks the folder complete
+    return meta
