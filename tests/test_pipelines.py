@@ -67,16 +67,31 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
     assert set(ir["root"]["inputDefinitions"]["parameters"]) == {"workdir", "resume"}
     assert ir["root"]["inputDefinitions"]["parameters"]["workdir"]["defaultValue"] == "/work"
 
-    # shared data: one task per distinct dataset, cached, first in the graph
+    # shared data: one task per distinct dataset (and the base config's, read by prepare steps through
+    # {data_root}), cached, first in the graph
     data = {name: task for name, task in root.items() if name.startswith("prepare-data")}
     roots = {str(resolve_data_root(p.config.data)) for p in plans}
+    if spec.prepare_data_config is not None:
+        roots.add(str(resolve_data_root(spec.prepare_data_config.data)))
     assert len(data) == len(roots)
     assert {resolve_data_root(validate_config(json.loads(t["inputs"]["parameters"]["config_json"]["runtimeValue"]
                                                           ["constant"])).data).as_posix()
             for t in data.values()} == {Path(r).as_posix() for r in roots}
     assert all(t["cachingOptions"] == {"enableCache": True} and "dependentTasks" not in t for t in data.values())
-    # data -> runs (train -> evaluate per arm x seed) -> report (-> gate, for specs with a gate: nightly)
-    assert set(root) == set(data) | {"open-tracking", "runs", "report", "close-tracking"} | \
+    # data -> prepare steps in the listed order (cat, diht) -> runs (train -> evaluate per arm x seed) -> report
+    # (-> gate, for specs with a gate: nightly)
+    prepare = [name for name in root if name.startswith("prepare-") and not name.startswith("prepare-data")]
+    kinds = [entry.kind.replace("_", "-") for entry in spec.prepare]
+    assert sorted(prepare) == sorted(f"prepare-{k}" + (f"-{kinds[:i].count(k) + 1}" if kinds[:i].count(k) else "")
+                                     for i, k in enumerate(kinds))
+    prepare.sort(key=lambda name: int(root[name]["taskInfo"]["name"].split()[1]))
+    assert [root[name]["taskInfo"]["name"] for name in prepare] == \
+        [f"prepare {i} {entry.kind}" for i, entry in enumerate(spec.prepare, 1)]
+    for i, name in enumerate(prepare):
+        assert sorted(root[name]["dependentTasks"]) == (sorted(data) if i == 0 else [prepare[i - 1]])
+        assert json.loads(root[name]["inputs"]["parameters"]["step_json"]["runtimeValue"]["constant"]) == \
+            spec.prepare[i].to_dict()
+    assert set(root) == set(data) | set(prepare) | {"open-tracking", "runs", "report", "close-tracking"} | \
         ({"gate"} if spec.gate else set())
     assert root["runs"]["inputs"]["parameters"]["parent_run_id"]["taskOutputParameter"] == \
         {"outputParameterKey": "Output", "producerTask": "open-tracking"}
@@ -86,7 +101,7 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
         assert gate["dependentTasks"] == ["report", "runs"] and gate["cachingOptions"] == {}
         assert gate["inputs"]["parameters"]["rules_yaml"]["runtimeValue"]["constant"] == \
             Path(spec.gate.rules).read_text()  # embedded: the compiling machine's path means nothing in a pod
-    assert sorted(root["runs"]["dependentTasks"]) == sorted([*data, "open-tracking"])
+    assert sorted(root["runs"]["dependentTasks"]) == sorted([*data, *prepare[-1:], "open-tracking"])
     assert root["report"]["dependentTasks"] == ["runs"] and root["report"]["cachingOptions"] == {}
     report_in = root["report"]["inputs"]["parameters"]
     assert report_in["results"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "runs"}
@@ -119,6 +134,11 @@ def test_every_shipped_spec_compiles_to_the_expected_ir(spec_path, tmp_path):
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "4Gi",
                                           "volumeName": "dshm"}]
     plain = ["report", "open-tracking", "close-tracking"] + (["gate"] if spec.gate else [])
+    plain += [name for name, entry in zip(prepare, spec.prepare) if entry.kind != "train"]
+    for name, entry in zip(prepare, spec.prepare):  # data steps cached like prepare-data; train like train
+        assert root[name]["cachingOptions"] == ({} if entry.kind == "train" else {"enableCache": True})
+        if entry.kind == "train":
+            assert root[name]["retryPolicy"]["maxRetryCount"] == 3
     for name, task in [*data.items(), *((n, root[n]) for n in plain)]:
         assert "retryPolicy" not in task
         executor = ir["deploymentSpec"]["executors"][_executor(ir, task)]["container"]

@@ -6,6 +6,8 @@ train_run, finish_run), split at the checkpoint, so they keep the inline runner'
 
   open_tracking_step the pipeline run's parent MLflow run (closed by close_tracking_step after the report)
   prepare_data_step  SynthCaps generated once into data/synthcaps-<hash> (reused when already there)
+  prepare_step       one of the spec's `prepare` steps (synth, import, filter, teacher_train, teacher_cache,
+                     train), through `alignlab.prepare.run_prepare_step`; skipped when its output is complete
   train_step         config.yaml, metrics.jsonl, checkpoints/, final.pt; creates the MLflow run; with more
                      than one process, a TorchX dist.ddp job does the training
   evaluate_step      evaluates final.pt, writes eval/ and results.json; completes and ends the same MLflow run
@@ -37,6 +39,19 @@ def prepare_data_step(config: dict) -> dict:
     cfg = validate_config(config, source="prepare-data config")
     root = prepare_data(cfg)
     return {"data_root": str(root), "dataset_hash": dataset_hash(root)}
+
+
+def prepare_step(entry: dict, kind: str, ablation: str) -> dict:
+    """Run one `prepare` entry of an ablation spec ({kind: fields}, placeholders already filled by
+    `load_spec` at compile time) in the working folder; returns `run_prepare_step`'s result
+    ({"kind", "out", "status": "done" | "skipped", ...}). `kind` is the component's own step kind: an entry
+    of another kind is refused, so each KFP component runs only its step."""
+    from alignlab.prepare import run_prepare_step
+
+    if list(entry) != [kind]:
+        raise ValueError(f"the prepare-{kind} step got an entry with keys {sorted(entry)}; expected {{{kind!r}: "
+                         f"fields}} (PrepareEntry.to_dict())")
+    return run_prepare_step(entry, {"ablation": ablation})
 
 
 def _run_config(run: dict) -> ExperimentConfig:

@@ -4,6 +4,9 @@
   prepare-data (one task per distinct dataset, cached)
         │  (all of them)
         ▼
+  prepare-<kind> (the spec's `prepare` steps in the listed order, each after the previous: synth, import,
+        │         filter, teacher-train, teacher-cache (cached like prepare-data), train (train's resources))
+        ▼
   runs: ParallelFor over arms x seeds ── train ──► evaluate      (a sub-pipeline returning
         │                                                        dsl.Collected(evaluate))
         ▼
@@ -56,13 +59,35 @@ def _json(config) -> str:
     return json.dumps(config_to_dict(config), sort_keys=True)
 
 
-def dataset_configs(plans: list[RunPlan]) -> dict[str, str]:
+def dataset_configs(plans: list[RunPlan], spec: AblationSpec | None = None) -> dict[str, str]:
     """{data root: config JSON of its first run} per distinct dataset, in first-use order: the shared data
-    steps."""
+    steps. With `spec`, also the base config's dataset when a prepare step reads it through `{data_root}`."""
     by_root: dict[str, str] = {}
     for plan in plans:
         by_root.setdefault(str(builders.resolve_data_root(plan.config.data)), _json(plan.config))
+    if spec is not None and spec.prepare_data_config is not None:
+        base = spec.prepare_data_config
+        by_root.setdefault(str(builders.resolve_data_root(base.data)), _json(base))
     return by_root
+
+
+def prepare_tasks(spec: AblationSpec, ops: dict, settings: PipelineSettings, workdir, after: list) -> list:
+    """One task per `prepare` entry of the spec, in the listed order: the first after every data task,
+    each next one after the previous. Data steps are cached like prepare-data (`cache_data`); a `train` step
+    gets train's compute settings (GPUs, resources, retries: a retry resumes its checkpoints) and caching."""
+    tasks: list = []
+    for index, entry in enumerate(spec.prepare):
+        task = ops[f"prepare_{entry.kind}"](step_json=json.dumps(entry.to_dict(), sort_keys=True),
+                                            ablation=spec.name, workdir=workdir)
+        task.set_display_name(f"prepare {index + 1} {entry.kind}")
+        task.after(*(tasks[-1:] or after))
+        _shared_step(task, settings)
+        if entry.kind == "train":
+            _compute_step(task, settings).set_caching_options(settings.cache_training)
+        else:
+            task.set_caching_options(settings.cache_data)
+        tasks.append(task)
+    return tasks
 
 
 def build_ablation_pipeline(spec_path: str | Path, overrides: list[str] | None = None,
@@ -99,11 +124,12 @@ def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: Pipel
                                         pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         _shared_step(tracking, settings).set_caching_options(False)
         data = []
-        for root, config in dataset_configs(plans).items():
+        for root, config in dataset_configs(plans, spec).items():
             task = ops["prepare_data"](config_json=config, workdir=workdir)
             task.set_display_name(f"data {Path(root).name}")
             data.append(_shared_step(task, settings).set_caching_options(settings.cache_data))
-        trained = runs(workdir=workdir, resume=resume, parent_run_id=tracking.output).after(*data) \
+        prepared = prepare_tasks(spec, ops, settings, workdir, after=data)
+        trained = runs(workdir=workdir, resume=resume, parent_run_id=tracking.output).after(*data, *prepared[-1:]) \
             .set_caching_options(settings.cache_training)
         summary = ops["report"](results=trained.output, spec_json=spec.model_dump_json(), workdir=workdir)
         _shared_step(summary, settings).set_caching_options(False)

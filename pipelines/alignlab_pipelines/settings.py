@@ -9,6 +9,8 @@ on a laptop and on a cluster. Which step gets what:
                        shm_size (a memory-backed /dev/shm for DataLoader workers), retries
   train (distributed)  nproc_per_node x nnodes > 1: the train step launches TorchX dist.ddp on
                        torchx_scheduler (kubernetes: Volcano queue torchx_queue, the PVC mounted at workdir)
+  prepare steps        the spec's `prepare:` tasks: data-like steps as prepare-data; a `train` prepare step
+                       gets train's compute settings
   caching              prepare-data: cache_data (deterministic: same config -> same dataset);
                        train and evaluate: cache_training (off: a re-submitted run trains again);
                        report: off (it reads what the runs wrote)

@@ -236,7 +236,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
 
 def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
                  print_fn=print) -> Path:
-    """Expand the spec, run the shared data step once per distinct dataset, then every arm x seed."""
+    """Expand the spec, run the shared data step once per distinct dataset, the spec's `prepare` steps (in
+    order, each skipped when its output is complete), then every arm x seed."""
+    from alignlab.prepare import run_prepare
+
     spec, plans = load_spec(spec_path, overrides)
     print_fn(f"[alignlab] ablation {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds "
              f"= {len(plans)} runs")
@@ -244,6 +247,7 @@ def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, r
         plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
         print_fn(f"[alignlab] data: {root}")
         prepare_data(plan.config)
+    run_prepare(spec, plans, print_fn=print_fn)
     for i, plan in enumerate(plans, 1):
         done = plan.run_dir / "results.json"
         if resume and done.exists():
