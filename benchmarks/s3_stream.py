@@ -21,14 +21,13 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
+from _timing import best_seconds  # noqa: E402
 from s3_server import start_seaweedfs  # noqa: E402
 
 from alignlab import storage  # noqa: E402
@@ -38,15 +37,6 @@ from alignlab.data.synth import SynthCapsConfig, generate_synthcaps  # noqa: E40
 from alignlab.data.tokenizers import build_tokenizer  # noqa: E402
 from alignlab.data.transforms import build_image_transform  # noqa: E402
 from alignlab.storage.s3 import S3Store  # noqa: E402
-
-
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class CountingGets:

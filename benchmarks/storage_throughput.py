@@ -16,25 +16,15 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from _timing import best_seconds  # noqa: E402
 from s3_server import start_seaweedfs  # noqa: E402
 
 from alignlab.storage import open_store  # noqa: E402
 from alignlab.storage.base import MiB  # noqa: E402
-
-
-def best_seconds(run: Callable[[], None], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
