@@ -19,11 +19,9 @@ arms (the machine is shared and noisy) and the report is the median and its rati
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
 import tempfile
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
@@ -38,7 +36,7 @@ from alignlab.teachers.registry import Teacher, TimmBackbone
 from alignlab.training import builders
 from alignlab.training.optim import build_optimizer
 from alignlab.training.teacher_targets import TeacherTargets
-from alignlab.training.trainer import train_step
+from _timing import interleaved_step_times, print_ratios
 
 
 def make_teacher(model_cfg: ModelConfig, objects: int, attributes: int, image_size: int) -> Teacher:
@@ -68,19 +66,12 @@ def build_arms(model_cfg: ModelConfig, tokenizer, teacher: Teacher, cache: Teach
             model.add_heads({head: cache.num_classes[head] for head in distill.concepts.names})
         if distill.embedding.enabled:
             model.add_heads({"ed_projection": model.image_proj.in_features})
-        rules = builders.param_group_rules(_StubConfig(distill, model_cfg))
+        rules = builders.param_group_rules(SimpleNamespace(distill=distill, model=model_cfg))  # the two sections it reads
         optimizer = build_optimizer(model, model.no_weight_decay_param_names(), lr=lr, weight_decay=0.1,
                                     betas=(0.9, 0.98), eps=1e-6, rules=rules)
         loss_fn = builders.loss_from_config(infonce, world_size=1, seed=0, distill=distill)
         arms[name] = (model, optimizer, loss_fn, targets)
     return arms
-
-
-class _StubConfig:
-    """The two sections `param_group_rules` reads."""
-
-    def __init__(self, distill: DistillConfig, model: ModelConfig):
-        self.distill, self.model = distill, model
 
 
 def main() -> None:
@@ -108,28 +99,13 @@ def main() -> None:
 
         images = torch.randn(args.batch, 3, size, size)
         tokens = tokenizer([f"a red circle chasing a blue star number {i}" for i in range(args.batch)])
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        times = {name: [] for name in arms}
-        for step in range(args.steps + 2):
-            indices = torch.randperm(2 * args.batch)[: args.batch]
-            for name, (model, optimizer, loss_fn, targets_fn) in arms.items():
-                tic = time.perf_counter()
-                targets = targets_fn(images, indices) if targets_fn else {}
-                context = {"indices": indices, "epoch": 0, "step": step, "total_steps": args.steps + 2,
-                           "targets": targets}
-                train_step(model, loss_fn, images, tokens, context, accumulation=1,
-                           autocast=contextlib.nullcontext, scaler=scaler)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if step >= 2:  # the first steps warm up allocators
-                    times[name].append(time.perf_counter() - tic)
+        times = interleaved_step_times(arms, images, tokens, args.steps, lambda step: {
+            "indices": torch.randperm(2 * args.batch)[: args.batch], "epoch": 0, "step": step,
+            "total_steps": args.steps + 2})
 
-    base = statistics.median(times["none"])
     print(f"preset {args.preset}, batch {args.batch}, {args.steps} steps each, torch threads "
           f"{torch.get_num_threads()}, concept heads {args.objects} + {args.attributes} classes, top-10")
-    print(f"{'arm':10s} {'median s/step':>14s} {'x none':>8s}")
-    for name, values in times.items():
-        print(f"{name:10s} {statistics.median(values):14.4f} {statistics.median(values) / base:8.3f}")
+    print_ratios(times, base="none")
 
 
 if __name__ == "__main__":

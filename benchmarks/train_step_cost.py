@@ -9,16 +9,13 @@ Runs interleave the losses step by step (these machines are noisy) and report th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
-import time
 
 import torch
 
 from alignlab.config import LossConfig, ModelConfig
 from alignlab.data.tokenizers import build_tokenizer
 from alignlab.training import builders
-from alignlab.training.trainer import train_step
+from _timing import interleaved_step_times, print_ratios
 
 
 def main() -> None:
@@ -40,24 +37,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = builders.model_from_config(model_cfg, tokenizer)
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    times = {name: [] for name in losses}
-    for step in range(args.steps + 2):
-        for name, loss_fn in losses.items():
-            model, optimizer = models[name]
-            context = {"indices": torch.arange(args.batch), "epoch": 0, "step": step, "total_steps": args.steps + 2}
-            tic = time.perf_counter()
-            train_step(model, loss_fn, images, tokens, context, accumulation=1,
-                       autocast=contextlib.nullcontext, scaler=scaler)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step >= 2:  # the first steps warm up allocators
-                times[name].append(time.perf_counter() - tic)
-    base = statistics.median(times["infonce"])
+    arms = {name: (*models[name], loss_fn, None) for name, loss_fn in losses.items()}
+    times = interleaved_step_times(arms, images, tokens, args.steps, lambda step: {
+        "indices": torch.arange(args.batch), "epoch": 0, "step": step, "total_steps": args.steps + 2})
     print(f"preset {args.preset}, batch {args.batch}, {args.steps} steps each, torch threads {torch.get_num_threads()}")
-    print(f"{'loss':8s} {'median s/step':>14s} {'x infonce':>10s}")
-    for name, values in times.items():
-        print(f"{name:8s} {statistics.median(values):14.4f} {statistics.median(values) / base:10.3f}")
+    print_ratios(times, base="infonce", label="loss")
 
 
 if __name__ == "__main__":

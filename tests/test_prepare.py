@@ -213,7 +213,9 @@ def test_compiled_pipeline_runs_prepare_steps_in_order_between_data_and_runs(tmp
     roots = {json.loads(root[n]["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"])["data"]["synth"]
              ["mismatch"] for n in data}
     assert roots == {0.0, 0.2}
-    order = ["prepare-synth", "prepare-teacher-train", "prepare-train", "prepare-filter", "prepare-teacher-cache"]
+    order = ["prepare", "prepare-2", "prepare-3", "prepare-4", "prepare-5"]  # one task per entry, in spec order
+    assert [root[name]["taskInfo"]["name"] for name in order] == \
+        ["prepare 1 synth", "prepare 2 teacher_train", "prepare 3 train", "prepare 4 filter", "prepare 5 teacher_cache"]
     assert set(root) == set(data) | set(order) | {"open-tracking", "runs", "report", "close-tracking"}
     assert sorted(root[order[0]]["dependentTasks"]) == data
     for before, after in zip(order, order[1:]):
@@ -224,7 +226,7 @@ def test_compiled_pipeline_runs_prepare_steps_in_order_between_data_and_runs(tmp
         assert step == entry.to_dict() and PrepareEntry.model_validate(step) == entry
         assert root[name]["inputs"]["parameters"]["ablation"]["runtimeValue"]["constant"] == "prep"
         resources = ir["deploymentSpec"]["executors"][_executor(ir, root[name])]["container"].get("resources", {})
-        if name == "prepare-train":  # train's compute settings and caching (off unless asked)
+        if entry.kind == "train":  # train's compute settings and caching (off unless asked)
             assert root[name]["cachingOptions"] == {} and root[name]["retryPolicy"]["maxRetryCount"] == 3
             assert resources["accelerator"]["resourceCount"] == "2"
             assert k8s[_executor(ir, root[name])]["nodeSelector"] == {"labels": {"pool": "a100"}}
@@ -233,9 +235,9 @@ def test_compiled_pipeline_runs_prepare_steps_in_order_between_data_and_runs(tmp
             assert "accelerator" not in resources
         assert k8s[_executor(ir, root[name])]["pvcMount"][0]["mountPath"] == "/work"
     data_root = str(resolve_data_root(spec.prepare_data_config.data))
-    filter_step = json.loads(root["prepare-filter"]["inputs"]["parameters"]["step_json"]["runtimeValue"]["constant"])
+    filter_step = json.loads(root["prepare-4"]["inputs"]["parameters"]["step_json"]["runtimeValue"]["constant"])
     assert filter_step["filter"]["data"] == data_root and data_root != str(resolve_data_root(plans[0].config.data))
     ir, _ = _ir(compile_spec(path, tmp_path / "q.yaml", PipelineSettings(cache_data=False, cache_training=True)))
     root = ir["root"]["dag"]["tasks"]
-    assert root["prepare-filter"]["cachingOptions"] == {} and root["prepare-train"]["cachingOptions"] == \
+    assert root["prepare-4"]["cachingOptions"] == {} and root["prepare-3"]["cachingOptions"] == \
         {"enableCache": True}

@@ -9,9 +9,8 @@ and no kfp install at start-up.
 
 The image is a compile-time setting: `build_components(image)` wraps `STEP_FUNCTIONS` for that image. To
 add a step (filter, teacher train, teacher cache): write its body in `steps.py`, a typed wrapper here, and
-append the wrapper to `STEP_FUNCTIONS`. The spec's `prepare` steps have one component per kind
-(`prepare_synth`, `prepare_import`, `prepare_filter`, `prepare_teacher_train`, `prepare_teacher_cache`,
-`prepare_train`; `PREPARE_FUNCTIONS`), all calling `steps.prepare_step`.
+append the wrapper to `STEP_FUNCTIONS`. The spec's `prepare` steps share the `prepare` component: each task
+carries its entry ({kind: fields}) and is named by kind in its display name.
 """
 
 # No `from __future__ import annotations`: kfp reads the wrappers' annotations as real types.
@@ -119,79 +118,20 @@ def gate(results: list, spec_json: str, rules_yaml: str, workdir: str, gate_md: 
     return outcome["status"]
 
 
-def prepare_synth(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `synth`: SynthCaps into the step's `out` (reused when complete); returns the result JSON."""
+def prepare(step_json: str, ablation: str, workdir: str) -> str:
+    """One of the spec's `prepare` steps (`step_json`: {kind: fields}; kind synth, import, filter,
+    teacher_train, teacher_cache or train), skipped when its output is complete; returns the result JSON."""
     import json
     import os
 
     os.chdir(workdir)
     from alignlab_components.steps import prepare_step
 
-    return json.dumps(prepare_step(json.loads(step_json), "synth", ablation))
+    return json.dumps(prepare_step(json.loads(step_json), ablation))
 
 
-def prepare_import(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `import`: `alignlab data import` into the step's `out`; returns the result JSON."""
-    import json
-    import os
-
-    os.chdir(workdir)
-    from alignlab_components.steps import prepare_step
-
-    return json.dumps(prepare_step(json.loads(step_json), "import", ablation))
-
-
-def prepare_filter(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `filter`: `alignlab data filter` (CAT / CLIP score) into the step's `out`; returns the
-    result JSON (kept and total pairs)."""
-    import json
-    import os
-
-    os.chdir(workdir)
-    from alignlab_components.steps import prepare_step
-
-    return json.dumps(prepare_step(json.loads(step_json), "filter", ablation))
-
-
-def prepare_teacher_train(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `teacher_train`: a supervised teacher + concept heads into the step's `out`."""
-    import json
-    import os
-
-    os.chdir(workdir)
-    from alignlab_components.steps import prepare_step
-
-    return json.dumps(prepare_step(json.loads(step_json), "teacher_train", ablation))
-
-
-def prepare_teacher_cache(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `teacher_cache`: the teacher's top-k targets under `<out>/<key>` (content-addressed)."""
-    import json
-    import os
-
-    os.chdir(workdir)
-    from alignlab_components.steps import prepare_step
-
-    return json.dumps(prepare_step(json.loads(step_json), "teacher_cache", ablation))
-
-
-def prepare_train(step_json: str, ablation: str, workdir: str) -> str:
-    """Prepare step `train`: one run into the step's `run_dir` (e.g. the CLIP-score filter's scorer); a retry
-    resumes from its checkpoints."""
-    import json
-    import os
-
-    os.chdir(workdir)
-    from alignlab_components.steps import prepare_step
-
-    return json.dumps(prepare_step(json.loads(step_json), "train", ablation))
-
-
-PREPARE_FUNCTIONS: dict[str, Callable] = {"synth": prepare_synth, "import": prepare_import,
-                                          "filter": prepare_filter, "teacher_train": prepare_teacher_train,
-                                          "teacher_cache": prepare_teacher_cache, "train": prepare_train}
-STEP_FUNCTIONS: tuple[Callable, ...] = (open_tracking, prepare_data, *PREPARE_FUNCTIONS.values(), train, evaluate,
-                                        report, gate, close_tracking)
+STEP_FUNCTIONS: tuple[Callable, ...] = (open_tracking, prepare_data, prepare, train, evaluate, report, gate,
+                                        close_tracking)
 
 
 def make_component(func: Callable, image: str = DEFAULT_IMAGE):

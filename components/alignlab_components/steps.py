@@ -41,16 +41,12 @@ def prepare_data_step(config: dict) -> dict:
     return {"data_root": str(root), "dataset_hash": dataset_hash(root)}
 
 
-def prepare_step(entry: dict, kind: str, ablation: str) -> dict:
+def prepare_step(entry: dict, ablation: str) -> dict:
     """Run one `prepare` entry of an ablation spec ({kind: fields}, placeholders already filled by
     `load_spec` at compile time) in the working folder; returns `run_prepare_step`'s result
-    ({"kind", "out", "status": "done" | "skipped", ...}). `kind` is the component's own step kind: an entry
-    of another kind is refused, so each KFP component runs only its step."""
+    ({"kind", "out", "status": "done" | "skipped", ...})."""
     from alignlab.prepare import run_prepare_step
 
-    if list(entry) != [kind]:
-        raise ValueError(f"the prepare-{kind} step got an entry with keys {sorted(entry)}; expected {{{kind!r}: "
-                         f"fields}} (PrepareEntry.to_dict())")
     return run_prepare_step(entry, {"ablation": ablation})
 
 

@@ -4,8 +4,8 @@
   prepare-data (one task per distinct dataset, cached)
         │  (all of them)
         ▼
-  prepare-<kind> (the spec's `prepare` steps in the listed order, each after the previous: synth, import,
-        │         filter, teacher-train, teacher-cache (cached like prepare-data), train (train's resources))
+  prepare, prepare-2, ... (the spec's `prepare` steps in the listed order, each after the previous: synth,
+        │         import, filter, teacher_train, teacher_cache (cached like prepare-data), train (train's resources))
         ▼
   runs: ParallelFor over arms x seeds ── train ──► evaluate      (a sub-pipeline returning
         │                                                        dsl.Collected(evaluate))
@@ -77,8 +77,8 @@ def prepare_tasks(spec: AblationSpec, ops: dict, settings: PipelineSettings, wor
     gets train's compute settings (GPUs, resources, retries: a retry resumes its checkpoints) and caching."""
     tasks: list = []
     for index, entry in enumerate(spec.prepare):
-        task = ops[f"prepare_{entry.kind}"](step_json=json.dumps(entry.to_dict(), sort_keys=True),
-                                            ablation=spec.name, workdir=workdir)
+        task = ops["prepare"](step_json=json.dumps(entry.to_dict(), sort_keys=True), ablation=spec.name,
+                              workdir=workdir)
         task.set_display_name(f"prepare {index + 1} {entry.kind}")
         task.after(*(tasks[-1:] or after))
         _shared_step(task, settings)

@@ -89,25 +89,19 @@ def available_runners() -> dict:
 def _cmd_run(args) -> int:
     from alignlab.ablation import load_spec
 
+    spec, _ = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
     runners = available_runners()
-    args.runner = args.runner or default_runner()
+    # Default: kfp's local runner (the cluster's pipeline definition) when installed, else inline.
+    args.runner = args.runner or ("kfp-local" if "kfp-local" in runners else "inline")
     if args.runner not in runners:
         raise ConfigError(f"--runner {args.runner!r} is not available; choose one of {sorted(runners)}")
     out = runners[args.runner](args.spec, args.overrides, resume=args.resume)
     print(f"[alignlab] runs and report: {out}\n[alignlab] compare runs in MLflow: "
           f"{sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri sqlite:///mlflow.db")
-    gate = Path(out) / "gate" / "gate.json"
-    if load_spec(args.spec, args.overrides)[0].gate is not None and gate.is_file():
-        status = json.loads(gate.read_text())["status"]
-        return 1 if status == "regression" else 0  # the gate's exit status (`alignlab gate`)
+    if spec.gate is not None:  # the gate step rewrote gate.json in this run; its status is the exit status
+        status = json.loads((Path(out) / "gate" / "gate.json").read_text())["status"]
+        return 1 if status == "regression" else 0
     return 0
-
-
-def default_runner() -> str:
-    """kfp's local runner (the same pipeline definition as on a cluster) when installed, else inline."""
-    from importlib.metadata import entry_points
-
-    return "kfp-local" if any(e.name == "kfp-local" for e in entry_points(group="alignlab.runners")) else "inline"
 
 
 def _cmd_report(args) -> int:

@@ -16,6 +16,7 @@ import yaml
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
 from alignlab.data.synth import generate_synthcaps
+from alignlab.data.writer import manifest_dataset_hash
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
 from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_history
@@ -35,13 +36,8 @@ def prepare_data(cfg: ExperimentConfig) -> Path | str:
 
 
 def dataset_hash(root: Path | str) -> str:
-    if isinstance(root, str):  # s3:// root
-        from alignlab import storage
-
-        uri = f"{root}/manifest.json"
-        return json.loads(storage.read_bytes(uri)).get("dataset_hash", "unknown") if storage.exists(uri) else "unknown"
-    manifest = root / "manifest.json"
-    return json.loads(manifest.read_text()).get("dataset_hash", "unknown") if manifest.exists() else "unknown"
+    """The dataset hash of a data root's manifest (local or s3://), "unknown" without one (an MLflow tag)."""
+    return manifest_dataset_hash(root) or "unknown"
 
 
 def evaluate_checkpoint_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Path) -> dict:

@@ -102,14 +102,3 @@ def run_import(args: argparse.Namespace) -> int:
         print("alignlab data import: error: no pair was written; see the skipped reasons above", file=sys.stderr)
         return 1
     return 0
-
-
-def main_import(argv: list[str] | None = None) -> int:
-    """Standalone entry: parse `argv` with the import options and run the import."""
-    parser = add_import_arguments(argparse.ArgumentParser(prog="alignlab data import", description=__doc__,
-                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_import(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_import())

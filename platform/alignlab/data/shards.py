@@ -265,18 +265,12 @@ class WebDatasetIndex:
         """Cheap checks against a SynthCaps-style manifest (see the module docstring); returns the
         shards it does not list. Raises FileNotFoundError naming a listed shard that is missing."""
         manifest = os.fspath(manifest)
+        base, _, name = manifest.rpartition("/")
         try:
-            body = json.loads(storage.read_bytes(manifest))
+            files = storage.load_manifest(base, name=name)  # validates the files -> sha256 mapping
         except FileNotFoundError:
             log.info("no manifest at %s: shards not checked against one", manifest)
             return []
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest} is not valid JSON ({err}); regenerate the dataset's manifest") from None
-        files = body.get("files") if isinstance(body, dict) else None
-        if not isinstance(files, dict):
-            raise ValueError(f"{manifest} has no 'files' mapping of relative path -> sha256 (SynthCaps manifest "
-                             "format); regenerate it or pass manifest=None")
-        base = manifest[: -len(os.path.basename(manifest))].rstrip("/")
         recorded = {f"{base}/{relpath}" for relpath in files if relpath.endswith(".tar")}
         present = set(self.shard_paths)
         missing = sorted(uri for uri in recorded if uri.rpartition("/")[0] in listed_folders and uri not in present)

@@ -95,6 +95,18 @@ def dataset_hash(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{p}\t{h}\n" for p, h in sorted(files.items())).encode()).hexdigest()
 
 
+def manifest_dataset_hash(root: str | os.PathLike) -> str | None:
+    """The `dataset_hash` recorded in `<root>/manifest.json` (SynthCaps, imports and filters write one), for a
+    local folder or an `s3://` prefix; None when there is no manifest or it records no hash."""
+    from alignlab import storage
+
+    uri = f"{os.fspath(root).rstrip('/')}/manifest.json"
+    if not storage.exists(uri):
+        return None
+    found = json.loads(storage.read_bytes(uri)).get("dataset_hash")
+    return found if isinstance(found, str) and found else None
+
+
 class DuplicateKeyError(ValueError):
     """`ShardWriter.add` got a key that an earlier sample of this writer already has."""
 

@@ -104,15 +104,12 @@ def source_dataset_hash(data_root: Path, source) -> str:
     """The `dataset_hash` of the source's manifest.json; without one, the same hash computed over the
     files the pairs come from (shards, or the captions file)."""
     import hashlib
-    import json
 
-    from alignlab.data.writer import dataset_hash
+    from alignlab.data.writer import dataset_hash, manifest_dataset_hash
 
-    manifest = data_root / "manifest.json"
-    if manifest.is_file():
-        found = json.loads(manifest.read_text()).get("dataset_hash")
-        if found:
-            return found
+    found = manifest_dataset_hash(data_root)
+    if found:
+        return found
     paths = getattr(source, "shard_paths", None) or [getattr(source, "path")]
     files = {str(Path(p).resolve()): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
     return dataset_hash(files)
@@ -279,14 +276,3 @@ def run_filter(args: argparse.Namespace) -> int:
           f"({report['workers']} worker(s)); outputs: {args.out}/train, filter_stats.md, filter_stats.json, "
           "removed_samples.jsonl, removed/")
     return 0
-
-
-def main_filter(argv: list[str] | None = None) -> int:
-    """Standalone entry: parse `argv` with the filter options and run it."""
-    parser = add_filter_arguments(argparse.ArgumentParser(prog="alignlab data filter", description=__doc__,
-                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_filter(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_filter())

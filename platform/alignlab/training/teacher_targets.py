@@ -10,13 +10,13 @@ Online, the teacher runs under no_grad on the same augmented images the student 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from alignlab.data.writer import manifest_dataset_hash
 from alignlab.losses.distill import keep_top_k
 
 CONCEPTS = ("objects", "attributes")
@@ -142,7 +142,3 @@ def _load_teacher(distill):
     return load_teacher(distill.teacher, arch=distill.teacher_arch, kwargs=distill.teacher_kwargs)
 
 
-def manifest_dataset_hash(data_root) -> str | None:
-    """The dataset hash in `<data_root>/manifest.json` (SynthCaps writes one), else None (no check)."""
-    manifest = Path(data_root) / "manifest.json"
-    return json.loads(manifest.read_text()).get("dataset_hash") if manifest.is_file() else None
