@@ -4,7 +4,8 @@
   alignlab data import {coco,tsv,webdataset,jsonl}   import a dataset as webdataset shards
   alignlab data filter --data ROOT --out URI         CAT filtering, with DiHT Table A.3 statistics
   alignlab config show CONFIG [key=value ...]        print the resolved, validated config
-  alignlab train CONFIG [key=value ...] [--resume]   train one config (DDP under torchrun)
+  alignlab train CONFIG [key=value ...] [--resume [--allow-config-change]]
+                                                     train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
   alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline]
                                                      run an ablation end to end and print its report
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from alignlab.config import ConfigError
+from alignlab.training.errors import CheckpointError, DivergenceError
 
 
 def _cmd_data_synth(args) -> int:
@@ -54,15 +56,18 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / cfg.name.replace("/", "_") / f"seed-{cfg.seed}")
+    if args.allow_config_change and not args.resume:
+        raise ConfigError("--allow-config-change only goes with --resume (it lets a resumed run take new values)")
     if args.train_only:
         from alignlab.experiment import train_only
 
-        train_only(cfg, run_dir, resume=args.resume, mlflow_run_id=args.mlflow_run_id)
+        train_only(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change,
+                   mlflow_run_id=args.mlflow_run_id)
         return 0
     if args.mlflow_run_id:
         raise ConfigError("--mlflow-run-id only goes with --train-only (a pipeline's train step); a full "
                           "`alignlab train` creates its own MLflow run")
-    metrics = run_experiment(cfg, run_dir, resume=args.resume)
+    metrics = run_experiment(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     print(json.dumps({k: metrics[k] for k in sorted(metrics) if not k.startswith("best_step")}, indent=2))
     return 0
 
@@ -144,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     tr.add_argument("--run-dir", type=Path)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: continue with a config that differs from the checkpoint's (lr, schedule "
+                    "and loss from the new config from the resumed step on; recorded in config_history.jsonl)")
     tr.add_argument("--train-only", action="store_true",
                     help="train and write train_outcome.json, no evaluation (a pipeline step; evaluate runs later)")
     tr.add_argument("--mlflow-run-id", help="with --train-only: log into this open MLflow run instead of a new one")
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, but no setting is meaningful at infinity
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -95,7 +96,7 @@ class ModelConfig(_Strict):
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     init_logit_scale: float = Field(1 / 0.07, gt=0)
-    max_logit_scale: float = Field(100.0, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0, le=1e38, description="Cap of the logit scale (<= float32's range).")
     grad_checkpointing: bool = False
 
     @model_validator(mode="before")
@@ -234,6 +235,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1)
+    skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many optimizer steps whose loss or "
+                                      "gradient norm is NaN/inf (logged, counted), then stop; 0: stop at the first.")
     progress: bool = True
 
 
