@@ -66,11 +66,31 @@ def check_config_changes(changes: list[ConfigChange], checkpoint: Path, allow: b
                           f"to continue with the new values from this step on")
 
 
-def record_config_changes(run_dir: Path, step: int, changes: list[ConfigChange]) -> Path:
-    """Append one line {"time", "step", "changes": {field: {"old", "new"}}} to config_history.jsonl."""
+def record_config_changes(run_dir: Path, step: int, changes: list[ConfigChange]) -> Path | None:
+    """Append {"time", "step", "changes": {field: {"old", "new"}}} to config_history.jsonl: from `step` on,
+    the run trains with these changes to its checkpoint's config.
+
+    Read in order, a line supersedes earlier lines at the same or later steps (those steps were rolled back
+    by resuming from an earlier checkpoint), so a resume without changes is still written, with empty
+    changes, when an earlier line lies at or after its step. Returns the file, or None when nothing was
+    written."""
+    path = Path(run_dir) / CONFIG_HISTORY_FILE
+    if not changes and _last_step(path) < step:
+        return None
     entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "step": step,
              "changes": {c.field: {"old": c.old, "new": c.new} for c in changes}}
-    path = Path(run_dir) / CONFIG_HISTORY_FILE
+    torn = path.exists() and not path.read_bytes().endswith(b"\n") and path.stat().st_size > 0
     with path.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+        handle.write(("\n" if torn else "") + json.dumps(entry) + "\n")  # a killed append ends in no newline
     return path
+
+
+def _last_step(path: Path) -> int:
+    """The largest step in config_history.jsonl (-1 without one); a torn line (a killed append) is skipped."""
+    steps = [-1]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return max(steps)

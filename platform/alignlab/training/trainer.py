@@ -51,7 +51,13 @@ from alignlab.training.checkpoint import (
 from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from alignlab.training.guard import DivergenceGuard
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
-from alignlab.training.resume import ConfigChange, check_config_changes, config_changes, record_config_changes
+from alignlab.training.resume import (
+    CONFIG_HISTORY_FILE,
+    ConfigChange,
+    check_config_changes,
+    config_changes,
+    record_config_changes,
+)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 ConfigChangeCallback = Callable[[int, list[ConfigChange]], None]
@@ -185,17 +191,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         history = _history_until(_load_history(run_dir / "metrics.jsonl"), step)
         if dist.is_main:
             print(f"[alignlab] resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+            record_config_changes(run_dir, step, changes)
             if changes:
-                record_config_changes(run_dir, step, changes)
                 print(f"[alignlab] config changed at step {step}: {', '.join(str(c) for c in changes)}")
                 if on_config_change:
                     on_config_change(step, changes)
     elif dist.is_main:  # a fresh start: an earlier run's checkpoints must not be resumed or pruned into this one
-        stale = [p for _, p in list_checkpoints(ckpt_dir)] + [p for p in [run_dir / "final.pt"] if p.exists()]
+        stale = [p for _, p in list_checkpoints(ckpt_dir)] + [
+            p for p in (run_dir / "final.pt", run_dir / CONFIG_HISTORY_FILE) if p.exists()]
         for old in stale:
             old.unlink()
         if stale:
-            print(f"[alignlab] fresh start in {run_dir}: removed {len(stale)} checkpoint files of an earlier run")
+            print(f"[alignlab] fresh start in {run_dir}: removed {len(stale)} files of an earlier run "
+                  f"({', '.join(p.name for p in stale)})")
         if resume:
             print(f"[alignlab] no checkpoint in {ckpt_dir}: starting from step 0")
     if dist.is_main:
