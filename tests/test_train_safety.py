@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from alignlab.config import ConfigError, apply_overrides, validate_config
-from alignlab.experiment import run_experiment
+from alignlab.experiment import end_tracking_on_error, run_experiment, start_run_tracking, train_only
 from alignlab.training import builders
 from alignlab.training.checkpoint import (
     list_checkpoints,
@@ -126,6 +126,16 @@ def test_divergence_probes_fail_the_run_keep_the_finite_checkpoint_and_resume_ex
     assert all(r["tags"]["alignlab.failure"].startswith("DivergenceError: training diverged at step") for r in runs)
     assert "\n" not in "".join(r["tags"]["alignlab.failure"] for r in runs)
     assert "train.lr 0.001 -> 1000000000.0" in runs[0]["tags"]["alignlab.config_changed"]
+
+    # a pipeline's training job (train_only into the step's open run) records its own reason; the step that
+    # launched it ends the run FAILED and keeps that reason rather than its own "job failed"
+    job_cfg = config(synth_root, tmp_path, tracked + ["tracking.experiment=r7-job", "train.lr=1e9"], max_steps=4)
+    tracker = start_run_tracking(job_cfg, tmp_path / "job", synth_root)
+    with pytest.raises(DivergenceError):
+        train_only(job_cfg, tmp_path / "job", mlflow_run_id=tracker.run_id)
+    end_tracking_on_error(tracker, RuntimeError("torchx job failed with exit code 2"))
+    (job,) = find_runs(uri, "r7-job")
+    assert job["status"] == "FAILED" and job["tags"]["alignlab.failure"].startswith("DivergenceError: training diverged")
 
     # the finite checkpoint resumes with the original config to the end of an uninterrupted run, bit for bit
     resumed = train(good, run_dir, resume=True)
@@ -268,6 +278,29 @@ def test_cli_gives_one_line_errors_for_divergence_and_a_changed_resume(synth_roo
     assert "train.lr 0.001 -> 0.002" in outputs["changed"][1] and "--allow-config-change" in outputs["changed"][1]
 
 
+def test_ablation_resume_continues_an_interrupted_arm_and_refuses_a_changed_spec(synth_root, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`alignlab run --resume` (inline runner): the spec's config equals its checkpoint's, so an interrupted arm
+    continues; the same spec with a changed override is refused, naming the field."""
+    from alignlab.ablation import load_spec
+    from alignlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config_tree(synth_root, tmp_path / "runs", max_steps=6)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "mini", "base": "base.yaml", "seeds": [0],
+                                                        "arms": {"clip": {}}, "baseline": "clip",
+                                                        "report_metrics": ["final_loss"]}))
+    _, plans = load_spec(tmp_path / "spec.yaml")
+    with pytest.raises(Crash):
+        train(plans[0].config, plans[0].run_dir, on_metrics=crash_at(4))
+    assert main(["run", "spec.yaml", "train.lr=0.002", "--resume", "--runner", "inline"]) == 2
+    assert "train.lr 0.001 -> 0.002" in capsys.readouterr().err
+    assert main(["run", "spec.yaml", "--resume", "--runner", "inline"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    rows = [json.loads(line)["step"] for line in (plans[0].run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6] and (plans[0].run_dir / "results.json").is_file()
+
+
 # --------------------------------------------------------------------------------------- metrics file
 
 def test_kill_before_the_first_checkpoint_restarts_with_an_empty_history(synth_root, tmp_path):
@@ -331,6 +364,7 @@ class _Payload:
         return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch", "pickle"])
 def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(synth_root, tmp_path, capsys, writer):
     from alignlab.cli import main

@@ -21,6 +21,7 @@ from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_
 from alignlab.training import builders
 from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.distributed import barrier, init_distributed
+from alignlab.training.errors import CheckpointError
 from alignlab.training.resume import CONFIG_HISTORY_FILE
 from alignlab.training.trainer import train
 
@@ -73,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
                                 f"checkpoints/step-*.pt; did the train step finish?)")
     state = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not an alignlab checkpoint (needs 'config' and 'model' entries)")
+        raise CheckpointError(f"{path} is not an alignlab checkpoint (needs 'config' and 'model' entries)")
     tree = state["config"]
     if data_root:
         tree["data"]["root"], tree["data"]["synth"] = data_root, None
