@@ -133,11 +133,12 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
     dist = dist or init_distributed()
     if dist.is_main and not resume:  # a fresh run: an earlier run's results must not pass for this one's
         (run_dir / "results.json").unlink(missing_ok=True)
-    tic = time.perf_counter()
+
     def tag_config_change(step: int, changes: list) -> None:
         tracker.set_tags({TAG_CONFIG_CHANGED: f"step {step}: " + ", ".join(str(c) for c in changes)})
         tracker.log_artifact(run_dir / CONFIG_HISTORY_FILE)
 
+    tic = time.perf_counter()
     result = train(cfg, run_dir, resume=resume, allow_config_change=allow_config_change,
                    on_metrics=tracker.log_metrics if tracker else None,
                    on_config_change=tag_config_change if tracker else None, dist_info=dist)

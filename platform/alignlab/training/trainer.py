@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from alignlab.config import ExperimentConfig, config_to_dict
 from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
