@@ -34,6 +34,10 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.9, 1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Stop the run when more than this fraction "
+                                     "of the training samples is corrupt (skipped; skips.json names them).")
+    max_caption_bytes: int = Field(16384, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
+                                   "as caption_too_long: a document or blob stored as a caption.")
 
     @field_validator("crop_scale")
     @classmethod
