@@ -112,7 +112,7 @@ def test_pickled_s3_store_carries_no_credentials(s3_env, monkeypatch):
 def test_s3_index_returns_the_local_samples_byte_for_byte(s3_env, s3_synth, synth_root):
     local = WebDatasetIndex(synth_root / "train")
     remote = WebDatasetIndex(f"{s3_synth}/train", manifest=f"{s3_synth}/manifest.json")
-    assert len(remote) == len(local) == 256 and remote.num_incomplete == local.num_incomplete == 0
+    assert len(remote) == len(local) == 256 and remote.skipped == local.skipped == []
     assert remote.shard_paths == [f"{s3_synth}/train/shard-{i:06d}.tar" for i in range(3)]
     assert remote.unlisted_shards == [] and remote.num_sidecars == 0
     for i in range(len(local)):
@@ -157,8 +157,8 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
     monkeypatch.setattr(S3Store, "read_range", counting)
     local, remote = WebDatasetIndex(shard), WebDatasetIndex(uri)
     walk_bytes = sum(ranges)
-    assert len(remote) == len(local) == 5 and remote.num_incomplete == 1
-    assert remote.incomplete_keys == [f"{uri}:0003"]
+    assert len(remote) == len(local) == 5
+    assert [(r["shard"], r["key"], r["reason"]) for r in remote.skipped] == [(uri, "0003", "missing_caption")]
     assert (remote._offsets == local._offsets).all() and (remote._sizes == local._sizes).all()
     assert walk_bytes < 0.1 * shard.stat().st_size, (walk_bytes, shard.stat().st_size)
 
@@ -170,7 +170,7 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
     ranges.clear()
     with_sidecar = WebDatasetIndex(uri)
     assert ranges == [] and with_sidecar.num_sidecars == 1
-    assert (with_sidecar._offsets == local._offsets).all() and with_sidecar.incomplete_keys == remote.incomplete_keys
+    assert (with_sidecar._offsets == local._offsets).all() and with_sidecar.skipped == remote.skipped
 
     # The shard is rewritten (one sample fewer): the old sidecar is stale and must not be trusted.
     smaller = tmp_path / "smaller.tar"
@@ -185,13 +185,20 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
         remote[1]
 
     # Truncated uploads: cut inside a body, or exactly at a header (which tarfile alone takes for the end).
+    # Found as on local disk: the sample before the cut is kept, the cut one is named, the shard is listed.
     data = shard.read_bytes()
     sample_1_header = int(local._offsets[1, 0]) - 512
-    for cut, reason in ((sample_1_header + 5000, "truncated or corrupt"),
-                        (sample_1_header, f"no end-of-archive marker at byte {sample_1_header}")):
+    for cut, lost, detail in ((sample_1_header + 5000, [(uri, "0001", "truncated_shard")], "inside member '0001.png'"),
+                              (sample_1_header, [], "between two members, without the end-of-archive marker")):
         storage.write_bytes(uri, data[:cut])
-        with pytest.raises(ValueError, match=f"{uri} (is|has) {reason}"):
-            WebDatasetIndex(uri)
+        cut_index = WebDatasetIndex(uri)
+        assert len(cut_index) == 1 and _without_url(cut_index[0]) == _without_url(local[0])
+        assert [(r["shard"], r["key"], r["reason"]) for r in cut_index.skipped] == lost
+        [truncated] = cut_index.truncated_shards
+        assert (truncated["at_byte"], truncated["samples_kept"], truncated["last_kept"]) == (cut, 1, "0000")
+        assert detail in truncated["detail"]
+        with pytest.raises(ValueError, match=f"{uri} ends early"):
+            write_shard_index(uri)
 
 
 def test_pickled_index_has_no_credentials_and_reopens_in_a_spawned_process(s3_env, s3_synth):

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from alignlab.config import ConfigError
+from alignlab.data.skips import TooManyCorruptSamples
 
 
 def _cmd_data_synth(args) -> int:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, TooManyCorruptSamples) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         return 2
 

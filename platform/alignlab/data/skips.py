@@ -56,6 +56,10 @@ class CorruptSampleError(ValueError):
         super().__init__(f"{shard}:{key}: {reason} ({detail})")
 
 
+class TooManyCorruptSamples(ValueError):
+    """More of the training data is corrupt than `data.max_skip_fraction` allows (a one-line message)."""
+
+
 class SkipLog:
     """Append-only skip records under `folder`, one file per process (workers included), read back deduplicated."""
 
@@ -98,14 +102,15 @@ def skip_report(dataset: str, num_indexed: int, scanned: list[dict], loaded: lis
 
 
 def check_skip_fraction(report: dict, max_fraction: float) -> None:
-    """Raise ValueError (one line: dataset, counts per reason, first bad keys) past `max_fraction`."""
+    """Raise TooManyCorruptSamples (one line: dataset, counts per reason, first bad keys) past `max_fraction`."""
     if report["fraction"] <= max_fraction:
         return
     counts = ", ".join(f"{reason} {n}" for reason, n in report["counts"].items())
     first = ", ".join(f"{r['shard']}:{r['key']} ({r['reason']})" for r in report["samples"][:3])
-    raise ValueError(f"{report['dataset']}: {report['skipped']} of {report['samples_found']} training samples are "
-                     f"corrupt ({report['fraction']:.2%} > data.max_skip_fraction={max_fraction}): {counts}; first: "
-                     f"{first}; repair or drop them (skips.json lists them) or raise data.max_skip_fraction")
+    raise TooManyCorruptSamples(
+        f"{report['dataset']}: {report['skipped']} of {report['samples_found']} training samples are corrupt "
+        f"({report['fraction']:.2%} > data.max_skip_fraction={max_fraction}): {counts}; first: {first}; repair or "
+        "drop them (skips.json lists them) or raise data.max_skip_fraction")
 
 
 def skip_metrics(report: dict) -> dict[str, float]:
