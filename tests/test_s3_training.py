@@ -11,6 +11,7 @@ import multiprocessing
 import operator
 import pickle
 import tarfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alignlab.config import validate_config
 from alignlab.data.shards import SIDECAR_SUFFIX, WebDatasetIndex, expand_shards, write_shard_index
 from alignlab.training import builders
 from conftest import tiny_config_tree
-from s3_server import s3_env, s3_server  # noqa: F401  (pytest fixtures)
+from s3_server import CuttingProxy, s3_env, s3_server, start_seaweedfs  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("minio")
 
@@ -227,6 +228,51 @@ def test_training_from_s3_matches_local_bit_for_bit(s3_env, s3_synth, synth_root
         states.append(result.model.state_dict())
     assert len(histories[0]) == 3 and histories[0] == histories[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_server_killed_mid_read_is_retried_or_fails_clearly_never_short(synth_root, tmp_path, monkeypatch, caplog):
+    """R3: the S3 server is SIGKILLed while a training sample's ranged GET is half-way through its body (a
+    relay cuts the response after 64 body bytes). Restarted, the read is retried and training matches an
+    uninterrupted local run bit for bit; never back, the run fails naming the shard, nothing is skipped."""
+    from alignlab.training.trainer import train
+
+    server = start_seaweedfs(tmp_path / "weed")  # its own server: this one gets killed
+    proxy = CuttingProxy(("127.0.0.1", int(server.endpoint.rsplit(":", 1)[1])))
+    try:
+        for name, value in {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+            monkeypatch.setenv(name, value)
+        root = f"s3://{server.make_bucket('outage')}/synth"
+        for key in _upload_tree(synth_root, root)[1:]:
+            write_shard_index(f"{root}/{key}")  # so that every ranged GET below reads a training sample
+        tree = tiny_config_tree(synth_root, tmp_path / "local", max_steps=4)
+        tree["data"]["num_workers"] = 0
+        reference = [h["loss"] for h in train(validate_config(tree), tmp_path / "local").history]
+        tree["data"]["root"] = root
+
+        def restart():  # a load balancer holds new connections while the server comes back
+            proxy.set_mode("hold")
+            server.process.kill()
+            threading.Thread(target=lambda: (server.restart(), proxy.set_mode("relay")), daemon=True).start()
+
+        proxy.cut_after(40, 64, restart)  # batch 2 of 4 (32 samples, one GET each)
+        with caplog.at_level(logging.INFO, logger="alignlab.storage"):
+            resumed = train(validate_config(tree), tmp_path / "restart")
+        assert proxy._cut is None and "transient ProtocolError on attempt 1/5, retrying" in caplog.text
+        assert [h["loss"] for h in resumed.history] == reference
+        assert json.loads((tmp_path / "restart" / "skips.json").read_text())["skipped"] == 0
+
+        def kill():
+            proxy.set_mode("refuse")
+            server.process.kill()
+
+        proxy.cut_after(40, 64, kill)
+        with pytest.raises(OSError, match=rf"read {root}/train/shard-00000\d.tar failed after 5 attempt\(s\) "
+                                          rf"against {proxy.endpoint}: ProtocolError"):
+            train(validate_config(tree), tmp_path / "kill")
+        assert json.loads((tmp_path / "kill" / "skips.json").read_text())["skipped"] == 0  # not taken for corrupt
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_s3_root_resolves_to_the_uri_and_refuses_synth_generation():
