@@ -10,9 +10,10 @@ contiguous slices, so rank r of an R-rank run sees rows [r*b, (r+1)*b) of the 1-
 Corrupt samples (alignlab.data.skips) never change the batch size. Those the shard index finds are not
 in the index at all, so the order is the one the dataset without them gives. One that only fails when
 read (an image that does not decode, a caption that is not UTF-8) is replaced in its batch row by a
-substitute drawn from its aug seed, never one already in this rank's batch, and recorded in the
-dataset's `skip_log`; every other row keeps its sample. The substitute is a pure function of (seed,
-epoch, index) and the data, so resume stays exact and no rank waits for another.
+substitute drawn from its aug seed, never a sample of the global batch (`RowBatch.batch_indices`), and
+recorded in the dataset's `skip_log`; every other row keeps its sample. The substitute is a pure function
+of (seed, epoch, index, global batch) and the data: resume stays exact, no rank waits for another, and
+an R-rank run still sees the rows of the 1-rank run.
 """
 
 import logging
@@ -92,10 +93,11 @@ class PairDataset(Dataset):
         indices = [index for index, _ in items]
         get_many = getattr(self.source, "get_many", None)
         loaded = get_many(indices, corrupt="return") if get_many else [self._load(i) for i in indices]
-        taken, pairs = set(indices), []
+        batch = getattr(items, "batch_indices", None) or frozenset(indices)
+        pairs = []
         for (index, aug_seed), raw in zip(items, loaded):
             if isinstance(raw, CorruptSampleError):
-                index, raw = self._substitute(index, aug_seed, raw, taken)
+                index, raw = self._substitute(index, aug_seed, raw, batch)
             pairs.append(self._pair(index, aug_seed, *raw))
         return pairs
 
@@ -105,16 +107,17 @@ class PairDataset(Dataset):
         except CorruptSampleError as err:
             return err
 
-    def _substitute(self, index: int, aug_seed: int, error: CorruptSampleError, taken: set[int]) -> tuple[int, tuple]:
-        """(substitute index, its raw sample) for the corrupt sample `index`; adds it to `taken`."""
+    def _substitute(self, index: int, aug_seed: int, error: CorruptSampleError, batch: frozenset) -> tuple[int, tuple]:
+        """(substitute index, its raw sample) for the corrupt sample `index`: the first of its draws outside
+        the global `batch` that reads. Two substitutes of one batch may coincide (chance ~1/len(self));
+        excluding the first pick would make the second depend on how ranks split the batch."""
         self._record(error)
         for attempt in range(1, MAX_SUBSTITUTES + 1):
             candidate = _hash_seed(aug_seed, index, attempt) % len(self)
-            if candidate in taken:
+            if candidate in batch:
                 continue
             raw = self._load(candidate)
             if not isinstance(raw, CorruptSampleError):
-                taken.add(candidate)
                 return candidate, raw
             self._record(raw)
         raise RuntimeError(f"sample {index} is corrupt ({error}) and so were its {MAX_SUBSTITUTES} substitutes: most "
@@ -141,6 +144,16 @@ class PairDataset(Dataset):
         if isinstance(caption, (list, tuple)):
             caption = caption[int(torch.randint(len(caption), (1,), generator=generator))]
         return image_tensor, self.tokenizer([caption], generator=generator)[0], index
+
+
+class RowBatch(list):
+    """One rank's rows of a global batch, as (index, aug_seed), with `batch_indices`: the indices of the
+    whole global batch (every rank's rows), so that substitutes avoid all of them. Travels to DataLoader
+    workers as it is (a pickled list keeps its attributes)."""
+
+    def __init__(self, rows, batch_indices: frozenset):
+        super().__init__(rows)
+        self.batch_indices = batch_indices
 
 
 class ResumableBatchSampler(Sampler):
@@ -191,7 +204,8 @@ class ResumableBatchSampler(Sampler):
         for batch in range(self.start_batch, len(self)):
             global_batch = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             local = global_batch[self.rank * rows : (self.rank + 1) * rows]
-            yield [(index, sample_aug_seed(self.seed, self.epoch, index)) for index in local]
+            yield RowBatch([(index, sample_aug_seed(self.seed, self.epoch, index)) for index in local],
+                           frozenset(global_batch))
 
 
 def collate_pairs(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
