@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
 
 
@@ -36,7 +37,7 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Stop the run when more than this fraction "
                                      "of the training samples is corrupt (skipped; skips.json names them).")
-    max_caption_bytes: int = Field(16384, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
+    max_caption_bytes: int = Field(DEFAULT_MAX_CAPTION_BYTES, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
                                    "as caption_too_long: a document or blob stored as a caption.")
 
     @field_validator("crop_scale")

@@ -120,8 +120,9 @@ class PairDataset(Dataset):
             if not isinstance(raw, CorruptSampleError):
                 return candidate, raw
             self._record(raw)
-        raise RuntimeError(f"sample {index} is corrupt ({error}) and so were its {MAX_SUBSTITUTES} substitutes: most "
-                           "of the training data does not decode; check the shards (skips.json names the bad ones)")
+        raise RuntimeError(f"sample {index} is corrupt ({error}) and none of its {MAX_SUBSTITUTES} substitute draws "
+                           "outside its batch could be read: most of the training data is corrupt (skips.json names "
+                           "the bad samples) or the dataset is hardly larger than the batch")
 
     def _record(self, error: CorruptSampleError) -> None:
         log.warning("corrupt training sample skipped (substituted): %s", error)
