@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from alignlab.config import ConfigError
+from alignlab.data.skips import TooManyCorruptSamples
 from alignlab.training.errors import CheckpointError, DivergenceError
 
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError) as err:
+    except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError, TooManyCorruptSamples) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         return 2
 

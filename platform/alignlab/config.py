@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
 
 
@@ -35,6 +36,10 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.9, 1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Stop the run when more than this fraction "
+                                     "of the training samples is corrupt (skipped; skips.json names them).")
+    max_caption_bytes: int = Field(DEFAULT_MAX_CAPTION_BYTES, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
+                                   "as caption_too_long: a document or blob stored as a caption.")
 
     @field_validator("crop_scale")
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
+from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
 from alignlab.data.synth import generate_synthcaps
 from alignlab.data.writer import manifest_dataset_hash
 from alignlab.report import build_report, write_report
@@ -144,9 +145,15 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
                    on_config_change=tag_config_change if tracker else None, dist_info=dist)
     metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
     metrics["train_seconds"] = time.perf_counter() - tic
+    skips = load_skip_report(run_dir)
+    if skips is not None:
+        metrics["data_skipped"] = skips["skipped"]
     if tracker:
         tracker.log_summary(metrics)
         tracker.log_artifact(run_dir / "config.yaml")
+        if skips is not None:
+            tracker.log_metrics(skip_metrics(skips), step=result.steps)
+            tracker.log_artifact(run_dir / SKIPS_FILE)
         if result.final_checkpoint:
             tracker.log_artifact(result.final_checkpoint, artifact_path="checkpoint")
     return TrainOutcome(result.steps, metrics, result.final_checkpoint, result.model)

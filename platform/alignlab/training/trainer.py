@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alignlab.config import ExperimentConfig, config_to_dict
 from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
+from alignlab.data.skips import SkipTracker
 from alignlab.training import builders
 from alignlab.training.checkpoint import (
     atomic_torch_save,
@@ -149,6 +150,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     raw_model = builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
     dataset = builders.train_dataset_from_config(cfg.data, data_root, tokenizer, train_transform)
+    # skips.json; past data.max_skip_fraction of corrupt samples the run stops here, or at a checkpoint
+    data_skips = SkipTracker(dataset, run_dir, cfg.data.max_skip_fraction, fresh=not resume, write=dist.is_main)
+    data_skips.update()
     teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
                                                            source=dataset.source)  # also adds the heads
     raw_model.to(dist.device)
@@ -222,6 +226,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
 
     def save(at_step: int) -> Path | None:
         guard.check(terms_at)  # never save a non-finite state
+        data_skips.update()
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
