@@ -260,27 +260,30 @@ def ablation_dir(plans: list[RunPlan]) -> Path:
     return Path(plans[0].config.output_dir) / plans[0].ablation
 
 
-def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[str]]:
+def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[dict]]:
+    """(records of the runs with results.json, {"arm", "seed", "reason"} of the planned runs without one)."""
     records, missing = [], []
     for plan in plans:
         path = plan.run_dir / "results.json"
         if path.exists():
             records.append({"arm": plan.arm, "seed": plan.seed, "metrics": json.loads(path.read_text())})
         else:
-            missing.append(plan.run_name)
+            reason = "started but has no results.json (failed or interrupted)" if plan.run_dir.exists() else "not run"
+            missing.append({"arm": plan.arm, "seed": plan.seed, "reason": f"{reason}: {plan.run_dir}"})
     return records, missing
 
 
 def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print) -> Path:
+    """Write runs/<ablation>/report.{md,csv,json} from the run folders and print the headline table; runs
+    without results are listed in the report as missing. Holm's correction covers the spec's
+    `report_metrics` (the questions the spec asks), over every arm."""
     records, missing = collect_records(plans)
     out_dir = ablation_dir(plans)
-    if missing:
-        print_fn(f"[alignlab] {len(missing)} runs have no results yet and are not in the report: {', '.join(missing)}")
     if not records:
         raise FileNotFoundError(f"no finished runs under {out_dir}: run `alignlab run` first")
-    table = build_report(records, baseline=spec.baseline_arm)
+    table = build_report(records, baseline=spec.baseline_arm, family=spec.report_metrics, missing_runs=missing)
     write_report(table, out_dir, metrics=spec.report_metrics)
-    print_fn(table.to_markdown(metrics=spec.report_metrics))
+    print_fn(table.to_markdown(metrics=spec.report_metrics, details=False))
     if spec.report_plot is not None:
         plot = spec.report_plot
         points = {p.arm: (str(p.config_value(plot.group)) if plot.group else spec.name, float(p.config_value(plot.x)))
