@@ -103,7 +103,7 @@ def notes(table: ReportTable) -> list[str]:
         f"p_holm: Holm-adjusted over {table.family_size} comparisons ({len(table.arms) - 1} arm(s) x "
         f"{len(table.family)} metric(s)); n.s. = p_holm ≥ {table.alpha:g}. n: seeds with a value (k of m planned). "
         f"Permutation and Welch p, effect sizes, CIs of the means: report.csv, report.json, and Details in "
-        f"report.md.", width=110)
+        f"report.md.", width=110, break_on_hyphens=False)
     if table.missing_runs:
         lines += ["", f"Missing {len(table.missing_runs)} run(s) (not in the numbers above):"]
         lines += [f"- {r['arm']} seed {r['seed']}: {r['reason']}" for r in table.missing_runs]
@@ -124,7 +124,7 @@ def preliminary_banner(table: ReportTable) -> list[str]:
         who = f"arm {arms[0]} has" if len(arms) == 1 else f"arms {', '.join(arms)} have"
     return textwrap.wrap(f"**Preliminary**: {who} fewer than {MIN_SEEDS} seeds; intervals are wide and tests "
                          f"weak (a sign-flip test cannot reach p < 0.05 below 6 seeds). Run more seeds before "
-                         f"concluding.", width=110) + [""]
+                         f"concluding.", width=110, break_on_hyphens=False) + [""]
 
 
 def details_table(table: ReportTable, metrics: list[str]) -> list[str]:
