@@ -298,10 +298,11 @@ def test_two_arm_spec_end_to_end_on_the_kfp_local_runner(tmp_path, monkeypatch, 
     assert "KFP Executor" not in printed and "executor_input" not in printed and "parameterValues" not in printed
     assert "KFP Executor" in (out / "logs" / "train-fast-seed-0.log").read_text()
     table = [line for line in lines if line.startswith("| ")]
-    assert table[0].startswith("| metric") and len(table) == 1 + 2 * 2  # header, 2 metrics x 2 arms (the rule: "|---")
+    assert table[0].startswith("| metric") and len(table) == 1 + 2 * 2  # header, 2 metrics x 2 arms ("|---" rule)
     assert any("| fast (baseline)" in line for line in table) and "**Preliminary**" in printed
     # the store is mlflow.db in the working folder: the command names it as such
-    assert lines[-1].strip().startswith("MLflow") and lines[-1].endswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    assert lines[-1].strip().startswith("MLflow")
+    assert lines[-1].endswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
     report = json.loads((tmp_path / out / "report.json").read_text())
     assert report["arms"] == ["fast", "slow"] and report["baseline"] == "fast"
     assert (tmp_path / out / "report.md").read_text().count("|") > 0

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import re
-import sys
 import threading
 from pathlib import Path
 

@@ -55,7 +55,8 @@ def delta_text(row: dict) -> str:
             why = "a NaN value" if math.isnan(row["delta"]) else "no spread"
         return f"{_fixed(row['delta'], None, sign=True)} (no test: {why})"
     places = _decimals((row["ci_high"] - row["ci_low"]) / 2)
-    text = f"{_fixed(row['delta'], places, sign=True)} [{_fixed(row['ci_low'], places)}, {_fixed(row['ci_high'], places)}]"
+    low, high = _fixed(row["ci_low"], places), _fixed(row["ci_high"], places)
+    text = f"{_fixed(row['delta'], places, sign=True)} [{low}, {high}]"
     if row["significant"] is None:  # outside the Holm family: the raw p, said to be unadjusted
         return f"{text} {_p_label('p', row['p'])} (unadjusted)"
     return f"{text} {_p_label('p_holm', row['p_holm'])}" if row["significant"] else f"{text} n.s."
