@@ -7,7 +7,7 @@
   alignlab train CONFIG [key=value ...] [--resume [--allow-config-change]]
                                                      train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
-  alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline]
+  alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline] [--verbose]
                                                      run an ablation end to end and print its report
   alignlab report SPEC.yaml                          rebuild an ablation's report from its runs
   alignlab gate --experiment nightly --today-run ID  regression gate of a nightly run against its history
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
 from alignlab.config import ConfigError
+from alignlab.console import TaskFailed
 from alignlab.data.skips import TooManyCorruptSamples
 from alignlab.training.errors import CheckpointError, DivergenceError
 
@@ -84,7 +86,7 @@ def _cmd_evaluate(args) -> int:
 
 def available_runners() -> dict:
     """`inline` (in this process) plus runners other packages register in the entry-point group
-    `alignlab.runners`: functions `(spec_path, overrides, *, resume) -> report folder`."""
+    `alignlab.runners`: functions `(spec_path, overrides, *, resume, verbose) -> report folder`."""
     from importlib.metadata import entry_points
 
     from alignlab.experiment import run_ablation
@@ -95,15 +97,14 @@ def available_runners() -> dict:
 def _cmd_run(args) -> int:
     from alignlab.ablation import load_spec
 
-    spec, _ = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
+    spec, plans = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
     runners = available_runners()
     # Default: kfp's local runner (the cluster's pipeline definition) when installed, else inline.
     args.runner = args.runner or ("kfp-local" if "kfp-local" in runners else "inline")
     if args.runner not in runners:
         raise ConfigError(f"--runner {args.runner!r} is not available; choose one of {sorted(runners)}")
-    out = runners[args.runner](args.spec, args.overrides, resume=args.resume)
-    print(f"[alignlab] runs and report: {out}\n[alignlab] compare runs in MLflow: "
-          f"{sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    out = runners[args.runner](args.spec, args.overrides, resume=args.resume, verbose=args.verbose)
+    _print_next_steps(out, plans[0].config.tracking)
     if spec.gate is not None:  # the gate step rewrote gate.json in this run; its status is the exit status
         status = json.loads((Path(out) / "gate" / "gate.json").read_text())["status"]
         return 1 if status == "regression" else 0
@@ -112,11 +113,27 @@ def _cmd_run(args) -> int:
 
 def _cmd_report(args) -> int:
     from alignlab.ablation import load_spec
-    from alignlab.experiment import report_ablation
+    from alignlab.experiment import ablation_dir, report_ablation
 
     spec, plans = load_spec(args.spec, args.overrides)
     report_ablation(spec, plans)
+    _print_next_steps(ablation_dir(plans), plans[0].config.tracking)
     return 0
+
+
+def _print_next_steps(out_dir: Path, tracking) -> None:
+    """The report, the task logs, `mlflow ui` for the runs' store (`tracking`: a config's section) and the
+    results book."""
+    from alignlab.console import next_steps
+    from alignlab.tracking import resolve_tracking_uri
+
+    uri = None
+    if tracking.enabled:
+        uri = resolve_tracking_uri(tracking.tracking_uri)
+        uri = "sqlite:///mlflow.db" if uri == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}" else uri
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    mlflow_bin = "mlflow" if shutil.which("mlflow") == mlflow_bin else mlflow_bin  # on PATH: the short name
+    print("\n".join(next_steps(out_dir, uri, mlflow_bin=mlflow_bin)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="keep finished runs, resume interrupted ones")
     run.add_argument("--runner", help="where the steps run: kfp-local (default: kfp's local runner, the cluster's "
                      "pipeline definition) or inline (this process, for debugging)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every task's output live (default: in runs/<ablation>/logs/, shown when it fails)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild an ablation report from its runs")
@@ -206,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError, TooManyCorruptSamples) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         return 2
+    except TaskFailed as err:  # its log's tail and path are already on the terminal
+        print(f"alignlab: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

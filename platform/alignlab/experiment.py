@@ -271,28 +271,47 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
 
 
 def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
-                 print_fn=print) -> Path:
+                 verbose: bool = False, print_fn=print) -> Path:
     """Expand the spec, run the shared data step once per distinct dataset, the spec's `prepare` steps (in
-    order, each skipped when its output is complete), then every arm x seed."""
+    order, each skipped when its output is complete), then every arm x seed, the report and the gate.
+
+    Each of those is a task of `alignlab.console.TaskConsole`: one line per task, its output in
+    runs/<ablation>/logs/ (`verbose`: also live); a failed task raises TaskFailed."""
+    from alignlab.console import TaskConsole
     from alignlab.prepare import run_prepare
 
     spec, plans = load_spec(spec_path, overrides)
-    print_fn(f"[alignlab] ablation {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds "
-             f"= {len(plans)} runs")
-    for root in sorted({str(builders.resolve_data_root(p.config.data)) for p in plans}):
-        plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
-        print_fn(f"[alignlab] data: {root}")
-        prepare_data(plan.config)
-    run_prepare(spec, plans, print_fn=print_fn)
-    for i, plan in enumerate(plans, 1):
-        done = plan.run_dir / "results.json"
-        if resume and done.exists():
-            print_fn(f"[alignlab] ({i}/{len(plans)}) {plan.run_name}: already finished, kept")
-            continue
-        print_fn(f"[alignlab] ({i}/{len(plans)}) {plan.run_name} -> {plan.run_dir}")
-        run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
-    out_dir = report_ablation(spec, plans, print_fn=print_fn)
-    gate_ablation(spec, plans, print_fn=print_fn)
+    roots = sorted({str(builders.resolve_data_root(p.config.data)) for p in plans})
+    console = TaskConsole(ablation_dir(plans) / "logs", verbose=verbose)
+    print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "
+             f"runs, inline; task logs in {console.log_dir}/")
+    console.queued([f"data {Path(root).name}" for root in roots] + (["prepare"] if spec.prepare else [])
+                   + [f"run {plan.arm}/seed-{plan.seed}" for plan in plans] + ["report"]
+                   + (["gate"] if spec.gate is not None else []))
+    printed: list[str] = []
+    try:
+        for root in roots:
+            plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
+            with console.task(f"data {Path(root).name}"):
+                prepare_data(plan.config)
+        if spec.prepare:
+            with console.task("prepare"):
+                run_prepare(spec, plans)
+        for plan in plans:
+            label = f"run {plan.arm}/seed-{plan.seed}"
+            if resume and (plan.run_dir / "results.json").exists():
+                console.skipped(label, "already finished")
+                continue
+            with console.task(label):
+                run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
+        with console.task("report"):
+            out_dir = report_ablation(spec, plans, print_fn=printed.append)
+        if spec.gate is not None:
+            with console.task("gate"):
+                gate_ablation(spec, plans, print_fn=printed.append)
+    finally:
+        console.close()
+    print_fn("\n" + "\n".join(printed).rstrip())
     return out_dir
 
 
@@ -300,34 +319,36 @@ def ablation_dir(plans: list[RunPlan]) -> Path:
     return Path(plans[0].config.output_dir) / plans[0].ablation
 
 
-def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[str]]:
+def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[dict]]:
+    """(records of the runs with results.json, {"arm", "seed", "reason"} of the planned runs without one)."""
     records, missing = [], []
     for plan in plans:
         path = plan.run_dir / "results.json"
         if path.exists():
             records.append({"arm": plan.arm, "seed": plan.seed, "metrics": json.loads(path.read_text())})
         else:
-            missing.append(plan.run_name)
+            reason = "started but has no results.json (failed or interrupted)" if plan.run_dir.exists() else "not run"
+            missing.append({"arm": plan.arm, "seed": plan.seed, "reason": f"{reason}: {plan.run_dir}"})
     return records, missing
 
 
 def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print) -> Path:
+    """Write runs/<ablation>/report.{md,csv,json} from the run folders and print the headline table; runs
+    without results are listed in the report as missing. Holm's correction covers the spec's
+    `report_metrics` (the questions the spec asks), over every arm."""
     records, missing = collect_records(plans)
     out_dir = ablation_dir(plans)
-    if missing:
-        print_fn(f"[alignlab] {len(missing)} runs have no results yet and are not in the report: {', '.join(missing)}")
     if not records:
         raise FileNotFoundError(f"no finished runs under {out_dir}: run `alignlab run` first")
-    table = build_report(records, baseline=spec.baseline_arm)
+    table = build_report(records, baseline=spec.baseline_arm, family=spec.report_metrics, missing_runs=missing)
     write_report(table, out_dir, metrics=spec.report_metrics)
-    print_fn(table.to_markdown(metrics=spec.report_metrics))
+    print_fn(table.to_markdown(metrics=spec.report_metrics, details=False))
     if spec.report_plot is not None:
         plot = spec.report_plot
         points = {p.arm: (str(p.config_value(plot.group)) if plot.group else spec.name, float(p.config_value(plot.x)))
                   for p in plans if p.arm in table.arms}
         png = plot_metric_curves(table, points, plot.metrics, out_dir / "report_plot.png", x_label=plot.x)
-        print_fn(f"[alignlab] plot: {png}")
-    print_fn(f"\n[alignlab] report: {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
+        print_fn(f"plot: {png}")
     return out_dir
 
 
