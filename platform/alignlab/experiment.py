@@ -5,21 +5,24 @@ This is the inline runner; pipelines call the same functions step by step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
 from alignlab.data.synth import generate_synthcaps
 from alignlab.data.writer import manifest_dataset_hash
+from alignlab.redaction import redact
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
-from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_history
+from alignlab.tracking import RUN_ID_FILE, RunTracker, flatten_params, git_commit, summarise_history
+from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
 from alignlab.training.distributed import barrier, init_distributed
 from alignlab.training.trainer import train
@@ -68,10 +71,18 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     import torch
 
     path = Path(checkpoint)
+    wanted = "`alignlab evaluate` wants a run's final.pt or checkpoints/step-*.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run's final.pt or "
-                                f"checkpoints/step-*.pt; did the train step finish?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"checkpoint {path} does not exist ({wanted}; did the train step finish?)")
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path} is a config file, not a checkpoint: {wanted} (train it first: alignlab train "
+                          f"{path})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise ConfigError(f"{path} is not a checkpoint torch can read ({type(err).__name__}): {wanted}") from None
+    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
+        raise ConfigError(f"{path} holds no alignlab model and config: {wanted}")
     tree = state["config"]
     if data_root:
         tree["data"]["root"], tree["data"]["synth"] = data_root, None
@@ -85,7 +96,33 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     return evaluate_checkpoint_model(cfg, model, tokenizer, Path(out_dir))
 
 
-MLFLOW_RUN_FILE = "mlflow_run_id.txt"  # in each run folder: the id of the run's MLflow run
+MLFLOW_RUN_FILE = RUN_ID_FILE  # in each run folder: the id of the run's MLflow run
+
+
+def write_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """`run_dir/config.yaml`: the resolved config as a record (URI credentials redacted, YAML 1.2-safe)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(redact(config_to_dict(cfg))))
+    return path
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside: SIGTERM (a job or pod being stopped) raises KeyboardInterrupt in the main thread, so a run's
+    error path ends its MLflow run KILLED and flushes its records instead of the process dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *, ablation: str | None = None,
@@ -102,9 +139,10 @@ def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *,
     tracker = RunTracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment or ablation or "alignlab",
                                run_name=f"{arm}/seed-{cfg.seed}" if arm else cfg.name, tags=tags,
                                params=flatten_params(config_to_dict(cfg)),
-                               parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"))
+                               parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"),
+                               spool_dir=run_dir, flush_timeout_s=cfg.tracking.flush_timeout_s)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / MLFLOW_RUN_FILE).write_text(tracker.run_id)
+    (Path(run_dir) / MLFLOW_RUN_FILE).write_text(tracker.run_id)  # "pending:..." until an outage ends
     return tracker
 
 
@@ -126,8 +164,7 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
     run_dir = Path(run_dir)
     dist = dist or init_distributed()
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_run_config(cfg, run_dir)
     tic = time.perf_counter()
     result = train(cfg, run_dir, resume=resume, on_metrics=tracker.log_metrics if tracker else None, dist_info=dist)
     metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
@@ -188,7 +225,10 @@ def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     if dist.is_main:
         prepare_data(cfg)
     barrier()
-    tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id) if mlflow_run_id and dist.is_main else None
+    tracker = None
+    if mlflow_run_id and dist.is_main:
+        tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id, spool_dir=run_dir,
+                                    flush_timeout_s=cfg.tracking.flush_timeout_s)
     trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
     if not dist.is_main:
         return None
@@ -223,8 +263,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
         tracker = start_run_tracking(cfg, run_dir, builders.resolve_data_root(cfg.data), ablation=ablation, arm=arm,
                                      world_size=dist.world_size, parent_run_id=parent_run_id)
     try:
-        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
-        return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
+        with sigterm_as_interrupt():  # Ctrl-C and SIGTERM end the run KILLED, exceptions FAILED, never RUNNING
+            trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
+            return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
     except BaseException as err:
         end_tracking_on_error(tracker, err)
         raise
@@ -241,7 +282,7 @@ def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, r
              f"= {len(plans)} runs")
     for root in sorted({str(builders.resolve_data_root(p.config.data)) for p in plans}):
         plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
-        print_fn(f"[alignlab] data: {root}")
+        print_fn(f"[alignlab] data: {redact(root)}")
         prepare_data(plan.config)
     run_prepare(spec, plans, print_fn=print_fn)
     for i, plan in enumerate(plans, 1):
@@ -283,7 +324,8 @@ def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print)
     print_fn(table.to_markdown(metrics=spec.report_metrics))
     if spec.report_plot is not None:
         plot = spec.report_plot
-        points = {p.arm: (str(p.config_value(plot.group)) if plot.group else spec.name, float(p.config_value(plot.x)))
+        points = {p.arm: (redact(str(p.config_value(plot.group))) if plot.group else spec.name,
+                          float(p.config_value(plot.x)))
                   for p in plans if p.arm in table.arms}
         png = plot_metric_curves(table, points, plot.metrics, out_dir / "report_plot.png", x_label=plot.x)
         print_fn(f"[alignlab] plot: {png}")

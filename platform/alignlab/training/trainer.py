@@ -26,8 +26,9 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from alignlab.config import ExperimentConfig, config_to_dict
+from alignlab.config import ConfigError, ExperimentConfig, config_to_dict
 from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
+from alignlab.redaction import redact
 from alignlab.training import builders
 from alignlab.training.checkpoint import (
     atomic_torch_save,
@@ -121,11 +122,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
     teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
                                                            source=dataset.source)  # also adds the heads
     raw_model.to(dist.device)
+    if len(dataset) < tcfg.batch_size:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} is larger than the {len(dataset)} training samples "
+                          f"of {redact(str(data_root))}: lower train.batch_size")
     sampler = ResumableBatchSampler(len(dataset), tcfg.batch_size, seed=cfg.seed, rank=dist.rank,
                                     world_size=dist.world_size, drop_last=True)
     steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={tcfg.batch_size} exceeds the {len(dataset)} training samples")
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     image_cfg = cfg.model.image
     raw_model.set_image_tower_locked(image_cfg.mode == "locked")  # LiT: its parameters stay out of the optimizer
@@ -162,7 +164,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "config": config_to_dict(cfg)}
+                 "config": redact(config_to_dict(cfg))}
         return save_checkpoint(ckpt_dir, at_step, state, tcfg.keep_checkpoints) if dist.is_main else None
 
     # ---- train ---------------------------------------------------------------------------------
@@ -217,8 +219,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
     final = None
     if dist.is_main:
         save(step)
-        final = atomic_torch_save({"model": raw_model.state_dict(), "config": config_to_dict(cfg), "step": step},
-                                  run_dir / "final.pt")
+        final = atomic_torch_save({"model": raw_model.state_dict(), "config": redact(config_to_dict(cfg)),
+                                   "step": step}, run_dir / "final.pt")
     barrier()
     return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model)
 
