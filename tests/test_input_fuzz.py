@@ -176,7 +176,6 @@ def test_batch_larger_than_the_data_is_one_line_at_dataset_build(synth_root, tmp
 
 @pytest.mark.parametrize("argv, expected", [
     (["config", "show", str(BASE), "train.betas=[2, 3]"], "train.betas"),
-    (["config", "show", str(BASE), "model.text.heads=7"], "heads=7"),
     (["evaluate", str(BASE)], "not a checkpoint"),
 ])
 def test_real_process_prints_one_line_and_exits_2(argv, expected):

@@ -411,8 +411,7 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
     try:
         spec = AblationSpec.model_validate(raw)
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
-                 f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        lines = [f"  {'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in err.errors()]
         raise ConfigError(f"invalid ablation spec {path}:\n" + "\n".join(lines)) from None
     if spec.gate is not None:
         rules = (path.parent / spec.gate.rules).resolve()

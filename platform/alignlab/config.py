@@ -418,7 +418,7 @@ def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
             loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
             got = e.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-            lines.append(f"  {loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}{got_text}")
+            lines.append(f"  {loc + ': ' if loc else ''}{e['msg']}{got_text}")
         raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
 
 

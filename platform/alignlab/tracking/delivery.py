@@ -108,6 +108,8 @@ class BackgroundSender:
         return None if since is None else time.monotonic() - since
 
     def _wait(self, timeout: float, close: bool) -> bool:
+        if not self._thread.is_alive():
+            return False
         waiter = _Waiter(time.monotonic() + timeout, close)
         with self._cond:
             self._buffer.append(waiter)
