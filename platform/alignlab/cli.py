@@ -97,7 +97,6 @@ def available_runners() -> dict:
 
 def _cmd_run(args) -> int:
     from alignlab.ablation import load_spec
-
     from alignlab.config import output_dir_notice
 
     spec, plans = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts

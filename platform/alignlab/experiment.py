@@ -141,9 +141,7 @@ def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *,
                                params=flatten_params(config_to_dict(cfg)),
                                parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"),
                                spool_dir=run_dir, flush_timeout_s=cfg.tracking.flush_timeout_s)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / MLFLOW_RUN_FILE).write_text(tracker.run_id)  # "pending:..." until an outage ends
-    return tracker
+    return tracker  # it wrote run_dir/mlflow_run_id.txt ("pending:..." until the store answers)
 
 
 @dataclass

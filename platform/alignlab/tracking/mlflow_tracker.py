@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from alignlab.redaction import redact
 from alignlab.tracking.delivery import BackgroundSender, short_error, warn
-from alignlab.tracking.spool import PENDING, Delivery, Spool
+from alignlab.tracking.spool import PENDING, Delivery, Spool, write_run_id
 from alignlab.tracking.store import experiment_id, is_outage, resolve_tracking_uri, sqlite_path
 
 TAG_ABLATION = "alignlab.ablation"
@@ -171,8 +171,8 @@ class RunTracker:
     """One MLflow run, written through `MlflowClient` with its explicit run id (see the module docstring).
 
     Use `RunTracker.start(...)`; as a context manager it ends FINISHED, FAILED on an exception and KILLED on
-    KeyboardInterrupt. `spool_dir` is where undelivered records wait (the run folder; default a folder per
-    run under the system's temp folder)."""
+    KeyboardInterrupt. `spool_dir` is where undelivered records wait: the run folder, which then also gets
+    `mlflow_run_id.txt` (default: a folder per run under the system's temp folder)."""
 
     def __init__(self, client: MlflowClient, run_id: str, uri: str, *, spool_dir: str | Path | None = None,
                  flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S, spooled: tuple[dict, ...] = ()):
@@ -186,6 +186,8 @@ class RunTracker:
         folder = spool_dir or Path(tempfile.gettempdir()) / "alignlab-tracking-spool" / run_id.replace(":", "-")
         self.spool = Spool(folder)
         self.spool.append(list(spooled))
+        if spool_dir is not None:  # a run folder: record its run id (the sender rewrites a pending one)
+            write_run_id(self.spool.folder, run_id)
         self._delivery = Delivery(client, uri)
         self._sender = BackgroundSender(self._delivery, self.spool)
         self._sender.exit_timeout_s = flush_timeout_s
