@@ -235,3 +235,29 @@ def test_sigterm_ends_the_run_killed_with_its_metrics(server, synth_root, tmp_pa
     assert run.info.status == "KILLED"
     steps = len(metrics.read_text().splitlines())
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= steps - 1  # the step in flight may be cut
+
+
+def test_next_tracker_in_a_run_folder_sends_what_an_earlier_one_left(tmp_path, capfd, small_client_budget):
+    """A run that ended while its store was unreachable leaves a spool; the next tracker in the same run
+    folder (`--resume`) delivers it first, creating the earlier run, and the folder keeps the newer run's id."""
+    from alignlab.tracking import RunTracker
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    first = RunTracker.start(unreachable, "resume", "first", {}, {"lr": 0.1}, spool_dir=tmp_path, flush_timeout_s=1)
+    first.log_metrics({"loss": 1.0}, step=1)
+    assert first.end("FINISHED") is False
+    assert (tmp_path / "tracking-spool.jsonl").is_file()
+    assert (tmp_path / "mlflow_run_id.txt").read_text() == first.run_id and first.run_id.startswith("pending:")
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    second = RunTracker.start(store, "resume", "second", {}, {}, spool_dir=tmp_path)
+    second.log_metrics({"loss": 0.5}, step=1)
+    assert second.end("FINISHED") is True
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    runs = {run.info.run_name: run for run in client.search_runs([experiment])}
+    assert runs["first"].info.status == "FINISHED" and runs["first"].data.metrics == {"loss": 1.0}
+    assert runs["first"].data.params == {"lr": "0.1"} and runs["second"].data.metrics == {"loss": 0.5}
+    assert (tmp_path / "mlflow_run_id.txt").read_text() == second.run_id
+    assert not list(tmp_path.glob("tracking-spool*"))
+    assert "left in" in capfd.readouterr().err

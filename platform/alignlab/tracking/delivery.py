@@ -25,7 +25,7 @@ from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from alignlab.redaction import redact
-from alignlab.tracking.spool import Delivery, Spool, write_run_id
+from alignlab.tracking.spool import Delivery, Spool, resolve_pending_run_id
 
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
@@ -236,7 +236,7 @@ class BackgroundSender:
         return keep_running
 
     def _created(self, ref: str, run_id: str) -> None:
-        write_run_id(self.spool.folder, run_id)
+        resolve_pending_run_id(self.spool.folder, ref, run_id)
 
 
 _open_senders: "weakref.WeakSet[BackgroundSender]" = weakref.WeakSet()

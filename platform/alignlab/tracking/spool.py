@@ -195,6 +195,14 @@ def write_run_id(folder: Path, run_id: str) -> None:
     (folder / RUN_ID_FILE).write_text(run_id)
 
 
+def resolve_pending_run_id(folder: Path, ref: str, run_id: str) -> None:
+    """A run started during an outage now exists: replace its pending ref in the run folder's id file (only
+    that ref: the folder may meanwhile belong to a newer run, e.g. after --resume)."""
+    path = Path(folder) / RUN_ID_FILE
+    if path.is_file() and path.read_text().strip() == ref:
+        path.write_text(run_id)
+
+
 @dataclass
 class ReplayResult:
     delivered: int
@@ -220,8 +228,8 @@ def replay_spool(run_dir: str | Path, tracking_uri: str | None = None) -> Replay
         spool.finish(taken, records)
         raise ValueError(f"the records in {spool.path} name no usable tracking URI ({uri or 'none'}): pass "
                          f"--tracking-uri (credentials are not stored) or set MLFLOW_TRACKING_URI")
-    delivery = Delivery(MlflowClient(tracking_uri=uri), uri, on_created=lambda _ref, run_id: write_run_id(
-        Path(run_dir), run_id))
+    delivery = Delivery(MlflowClient(tracking_uri=uri), uri,
+                        on_created=lambda ref, run_id: resolve_pending_run_id(Path(run_dir), ref, run_id))
     rejected: list[dict] = []
     done = delivery.send(records, lambda group, err: rejected.extend(
         {"op": record["op"], "error": redact(str(err))} for record in group))
