@@ -192,6 +192,7 @@ def test_attach_reopens_an_open_run_and_refuses_ended_or_unknown_ones(store):
     _, uri = store
     first = RunTracker.start(uri, "attach", "arm/seed-0", {}, {"lr": 0.1})
     first.log_metrics({"loss": 2.0}, step=5)
+    assert first.flush()  # delivery is asynchronous; a step hands its run on after a flush (or at exit)
     later = RunTracker.attach(uri, first.run_id)
     later.log_metrics({"zeroshot/top1": 42.0}, step=5)
     later.end("FINISHED")

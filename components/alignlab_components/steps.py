@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from alignlab.config import ExperimentConfig, config_to_dict, validate_config
+from alignlab.config import ExperimentConfig, load_yaml, validate_config
 
 RESULTS_FILE = "results.json"
 PIPELINE_RUN_FILE = "pipeline-run.txt"  # id of the pipeline run that last trained into a run folder
@@ -137,14 +135,16 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
 
 def _train_with_torchx(cfg: ExperimentConfig, run_dir: Path, launch: dict, *, resume: bool, tracker):
     """`alignlab train --train-only` as a TorchX dist.ddp job; rank 0 logs into this step's MLflow run."""
+    from alignlab.config import config_to_dict
     from alignlab.experiment import load_train_outcome
+    from alignlab.yaml12 import dump_yaml
     from alignlab_components.torchx_launch import launch_train
 
     # Not run_dir/config.yaml: that is the config the checkpoints were trained with, which the job itself
     # rewrites only once its resume check passed.
     config_path = run_dir / "torchx" / "launch-config.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    config_path.write_text(dump_yaml(config_to_dict(cfg)))  # the job needs the real values, credentials too
     train_args = ["--train-only"] + (["--resume"] if resume else [])
     if tracker:
         train_args += ["--mlflow-run-id", tracker.run_id]
@@ -168,8 +168,8 @@ def evaluate_step(trained: dict) -> dict:
     if trained["finished"] and results.is_file():
         return record | {"metrics": json.loads(results.read_text())}
     cfg = _stored_config(run_dir)
-    tracker = RunTracker.attach(trained["tracking_uri"], trained["mlflow_run_id"]) if trained.get("mlflow_run_id") \
-        else None
+    tracker = RunTracker.attach(trained["tracking_uri"], trained["mlflow_run_id"], spool_dir=run_dir,
+                                flush_timeout_s=cfg.tracking.flush_timeout_s) if trained.get("mlflow_run_id") else None
     outcome = TrainOutcome(int(trained["steps"]), dict(trained["train_metrics"]), Path(trained["checkpoint"]))
     try:
         metrics = finish_run(cfg, run_dir, outcome, tracker=tracker)
@@ -225,4 +225,4 @@ def _stored_config(run_dir: Path) -> ExperimentConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the report reads each run's config from its run folder "
                                 f"(shared between steps: the working folder or the pipeline's volume)")
-    return validate_config(yaml.safe_load(path.read_text()), source=str(path))
+    return validate_config(load_yaml(path), source=str(path))

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alignlab.config import ConfigError
+from alignlab.yaml12 import describe_yaml_error, load_yaml_text
 
 _CPU = r"^[0-9]+(\.[0-9]+)?m?$"
 _BYTES = r"^[0-9]+(\.[0-9]+)?(E|P|T|G|M|K|Ei|Pi|Ti|Gi|Mi|Ki)?$"
@@ -89,7 +90,10 @@ def load_settings(path: str | Path | None = None, **overrides) -> PipelineSettin
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"pipeline settings file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = load_yaml_text(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML at {describe_yaml_error(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of pipeline settings, got {type(tree).__name__}")
     tree |= {key: value for key, value in overrides.items() if value is not None}

@@ -33,6 +33,11 @@ root of the base config after the spec's (and the command line's) overrides, who
 before the prepare steps. Each step skips when its output is complete (`alignlab.prepare`).
 Extra `key=value` overrides apply to every arm; the one reserved key `seeds` replaces the spec's seeds
 (`alignlab run ablations/psd.yaml seeds=[0]` for a one-seed look).
+
+Names are folder names: runs go to `<output_dir>/<spec name>/<arm>/seed-<n>`, with characters other than
+letters, digits and `_ . , = + -` written as `_`. So a spec or arm name may not be empty, `.` or `..`, an arm
+name may not hold `/` or `\\`, and two arms whose folder names come out the same (`a b` and `a_b`, or grid
+values `x/y` and `x_y`) are refused, as is a key given twice (the YAML loader).
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ from alignlab.config import (
     config_to_dict,
     ExperimentConfig,
     apply_overrides,
+    check_inside,
+    check_path_name,
     load_yaml,
     parse_override,
     validate_config,
 )
 from alignlab.data.synth import SynthCapsConfig
+from alignlab.redaction import redact
 
 
 class ReportPlot(BaseModel):
@@ -314,10 +322,19 @@ class AblationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "AblationSpec":
+        check_path_name(self.name, "spec name")
         if (self.arms is None) == (self.grid is None):
             raise ValueError("give exactly one of `arms` (named overrides) or `grid` (axes to combine)")
+        if self.arms is not None and not self.arms:
+            raise ValueError("arms is empty: give at least one arm, e.g. `arms: {baseline: {}}`")
+        if self.grid is not None and not self.grid:
+            raise ValueError("grid has no axes: give at least one, e.g. `grid: {loss.name: [infonce, psd]}`")
         if self.grid is not None and any(not values for values in self.grid.values()):
             raise ValueError("every grid axis needs at least one value")
+        for arm in self.arms or {}:
+            if "/" in arm or "\\" in arm or arm in ("", ".", ".."):
+                raise ValueError(f"arm {arm!r}: an arm name is one folder name (not empty, '.', '..', no '/' or "
+                                 f"'\\'); rename it, e.g. {_safe(arm).strip('.') or 'arm'!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         names = self.arm_overrides().keys()
@@ -326,13 +343,23 @@ class AblationSpec(BaseModel):
         return self
 
     def arm_overrides(self) -> dict[str, dict[str, Any]]:
+        """Arm name -> overrides; grid arms are named `axis=value,...` (URI credentials redacted). Two arms
+        whose run folders would be the same raise ValueError naming both."""
         if self.arms is not None:
-            return dict(self.arms)
-        axes = list(self.grid)
-        out = {}
-        for combo in itertools.product(*(self.grid[a] for a in axes)):
-            name = ",".join(f"{a.split('.')[-1]}={v}" for a, v in zip(axes, combo))
-            out[re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)] = dict(zip(axes, combo))
+            named = list(self.arms.items())
+        else:
+            axes = list(self.grid)
+            named = [(",".join(f"{a.split('.')[-1]}={redact(str(v))}" for a, v in zip(axes, combo)),
+                      dict(zip(axes, combo))) for combo in itertools.product(*(self.grid[a] for a in axes))]
+        out, first = {}, {}
+        for name, overrides in named:
+            folder = _safe(name)
+            if folder in first:
+                what = "grid arms" if self.grid is not None else "arms"
+                raise ValueError(f"{what} {first[folder]!r} and {name!r} both write to the run folder {folder!r}: "
+                                 f"rename one (characters other than letters, digits and _.,=+- become '_')")
+            first[folder] = name
+            out[name if self.arms is not None else folder] = overrides
         return out
 
     @property
@@ -384,7 +411,7 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
     try:
         spec = AblationSpec.model_validate(raw)
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+        lines = [f"  {'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in err.errors()]
         raise ConfigError(f"invalid ablation spec {path}:\n" + "\n".join(lines)) from None
     if spec.gate is not None:
         rules = (path.parent / spec.gate.rules).resolve()
@@ -406,7 +433,9 @@ def load_spec(path: str | Path, extra_overrides: list[str] | None = None) -> tup
             tree = apply_overrides(base, overrides)
             tree = apply_overrides(tree, {"seed": seed, "name": f"{spec.name}/{arm}"})
             cfg = validate_config(tree, source=f"{path} arm {arm!r} seed {seed}")
-            plans.append(RunPlan(ablation=spec.name, arm=arm, seed=seed, config=cfg, overrides=overrides))
+            plan = RunPlan(ablation=spec.name, arm=arm, seed=seed, config=cfg, overrides=overrides)
+            check_inside(plan.run_dir, cfg.output_dir, f"{path} arm {arm!r}: run folder")
+            plans.append(plan)
     return spec, plans
 
 

@@ -11,6 +11,10 @@
                                                      run an ablation end to end and print its report
   alignlab report SPEC.yaml                          rebuild an ablation's report from its runs
   alignlab gate --experiment nightly --today-run ID  regression gate of a nightly run against its history
+  alignlab tracking replay RUN_DIR                   send tracking records an MLflow outage left in a run folder
+
+Bad input (a config, spec, override or file) gives one line `alignlab: error: ...` and exit status 2; a run
+that failed exits 1; `--debug` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import argparse
 import json
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
-import yaml
-
-from alignlab.config import ConfigError
+from alignlab.config import ConfigError, RunFailedError
 from alignlab.console import TaskFailed
-from alignlab.data.skips import TooManyCorruptSamples
-from alignlab.training.errors import CheckpointError, DivergenceError
+from alignlab.redaction import redact
+from alignlab.training.errors import DivergenceError
+
+EXIT_FAILED_RUN, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _cmd_data_synth(args) -> int:
@@ -47,18 +52,21 @@ def _cmd_data_synth(args) -> int:
 
 def _cmd_config_show(args) -> int:
     from alignlab.config import config_to_dict, load_config
+    from alignlab.yaml12 import dump_yaml
 
     cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    print(dump_yaml(redact(config_to_dict(cfg))), end="")
     return 0
 
 
 def _cmd_train(args) -> int:
-    from alignlab.config import load_config
+    from alignlab.config import default_run_dir, load_config, output_dir_notice
     from alignlab.experiment import run_experiment
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path(cfg.output_dir) / cfg.name.replace("/", "_") / f"seed-{cfg.seed}")
+    run_dir = Path(args.run_dir or default_run_dir(cfg))
+    if not args.run_dir and (notice := output_dir_notice(cfg.output_dir)):
+        print(f"alignlab: notice: {notice}", file=sys.stderr)
     if args.allow_config_change and not args.resume:
         raise ConfigError("--allow-config-change only goes with --resume (it lets a resumed run take new values)")
     if args.train_only:
@@ -96,8 +104,11 @@ def available_runners() -> dict:
 
 def _cmd_run(args) -> int:
     from alignlab.ablation import load_spec
+    from alignlab.config import output_dir_notice
 
     spec, plans = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
+    if notice := output_dir_notice(plans[0].config.output_dir):
+        print(f"alignlab: notice: {notice}", file=sys.stderr)
     runners = available_runners()
     # Default: kfp's local runner (the cluster's pipeline definition) when installed, else inline.
     args.runner = args.runner or ("kfp-local" if "kfp-local" in runners else "inline")
@@ -108,6 +119,20 @@ def _cmd_run(args) -> int:
     if spec.gate is not None:  # the gate step rewrote gate.json in this run; its status is the exit status
         status = json.loads((Path(out) / "gate" / "gate.json").read_text())["status"]
         return 1 if status == "regression" else 0
+    return 0
+
+
+def _cmd_tracking_replay(args) -> int:
+    from alignlab.tracking import replay_spool
+
+    result = replay_spool(args.run_dir, args.tracking_uri)
+    for line in result.rejected:
+        print(f"alignlab: refused by MLflow and dropped: {line}", file=sys.stderr)
+    if result.remaining:
+        print(f"alignlab: error: MLflow at {result.uri} still does not answer: {result.remaining} tracking records "
+              f"stay in {args.run_dir}; try again later", file=sys.stderr)
+        return EXIT_FAILED_RUN
+    print(f"[alignlab] delivered {result.delivered} tracking records from {args.run_dir} to {result.uri or 'MLflow'}")
     return 0
 
 
@@ -139,6 +164,7 @@ def _print_next_steps(out_dir: Path, tracking) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -192,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show every task's output live (default: in runs/<ablation>/logs/, shown when it fails)")
     run.set_defaults(func=_cmd_run)
 
+    tracking = sub.add_parser("tracking", help="MLflow tracking").add_subparsers(dest="tracking_command",
+                                                                                 required=True)
+    replay = tracking.add_parser("replay", help="send the records an MLflow outage left in a run folder")
+    replay.add_argument("run_dir", type=Path)
+    replay.add_argument("--tracking-uri", help="the MLflow store (default: the one the records name, else "
+                        "$MLFLOW_TRACKING_URI); needed when that URI held credentials, which are not stored")
+    replay.set_defaults(func=_cmd_tracking_replay)
+
     rep = sub.add_parser("report", help="rebuild an ablation report from its runs")
     rep.add_argument("spec", type=Path)
     rep.add_argument("overrides", nargs="*")
@@ -218,16 +252,43 @@ def _add_plugin_commands(sub) -> None:
         entry.load()(sub)
 
 
+def one_line(message: str) -> str:
+    """A multi-line message (a config error lists one field a line) as one line, credentials redacted."""
+    lines = [line.strip() for line in redact(message).splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError, TooManyCorruptSamples) as err:
-        print(f"alignlab: error: {err}", file=sys.stderr)
-        return 2
-    except TaskFailed as err:  # its log's tail and path are already on the terminal
-        print(f"alignlab: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"alignlab: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every error ends as one line unless --debug
+        if debug:
+            raise
+        if isinstance(err, (RunFailedError, DivergenceError, TaskFailed)):  # the run failed, the input was fine
+            code, text = EXIT_FAILED_RUN, str(err)
+        elif isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+            code, text = EXIT_BAD_INPUT, str(err)  # ConfigError and pydantic's ValidationError are ValueErrors
+        else:
+            code, text = EXIT_FAILED_RUN, f"{type(err).__name__}: {err} ({_where(err)}; --debug shows the traceback)"
+        print(f"alignlab: error: {one_line(text) or type(err).__name__}", file=sys.stderr)
+        return code
+
+
+def _where(err: BaseException) -> str:
+    """File:line where an unexpected error was raised, to report without the whole traceback."""
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    return f"at {Path(frame.filename).name}:{frame.lineno}" if frame else "no traceback"
 
 
 if __name__ == "__main__":

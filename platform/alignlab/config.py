@@ -1,13 +1,15 @@
 """Typed experiment configuration: one schema for the CLI, the pipelines and the dashboard.
 
-A config is YAML validated by pydantic; `key=value` overrides use dotted paths
-(`train.lr=1e-4`, `data.synth.mismatch=0.4`). Every error names the field path and the reason, and
-is raised before any work starts.
+A config is YAML (read as YAML 1.2: `off` is a string, `1e-4` a float, a duplicate key an error; see
+`alignlab.yaml12`) validated by pydantic; `key=value` overrides use dotted paths (`train.lr=1e-4`,
+`data.synth.mismatch=0.4`). Every error names the field path and the reason, and is raised before any work
+starts.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
+from alignlab.yaml12 import describe_yaml_error, load_yaml_text
+
+MAX_SEED = 2**32 - 1  # numpy's seeds are uint32
+MIN_CONTEXT_LENGTH = 8  # start + end tokens and a few words
 
 
 class ConfigError(ValueError):
     """A config file, override or value is invalid; the message says which and how to fix it."""
+
+
+class RunFailedError(RuntimeError):
+    """A run that started and stopped itself (its MLflow run ends FAILED); the CLI exits with status 1."""
+
+
+def check_path_name(name: str, what: str) -> str:
+    """`name` as one or more folder names below an output root: refuses '', '.', '..' and '\\' (a run
+    folder must stay inside its root); '/' separates levels (an ablation's `spec/arm`)."""
+    parts = name.split("/")
+    if "\\" in name or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{what} {name!r} would not name a folder inside the output root: use letters, digits "
+                         f"and '_', '-', '.' (not '.', '..', empty parts or '\\')")
+    return name
 
 
 class _Strict(BaseModel):
@@ -51,7 +71,7 @@ class DataConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     kind: Literal["clip_bpe", "wordpiece"] = "clip_bpe"
-    context_length: int = Field(77, ge=4)
+    context_length: int = Field(77, ge=MIN_CONTEXT_LENGTH, description="Tokens per caption, start and end included.")
     vocab_file: str | None = None
     vocab_size: int = Field(30522, ge=16, description="Only for a WordPiece vocabulary trained on the captions.")
     random_subsequence: bool = Field(False, description="Long captions: a random window instead of the head (PSD).")
@@ -73,6 +93,14 @@ class ImageTowerConfig(_Strict):
     delay: float = Field(0.5, gt=0, lt=1, description="ft_delay: fraction of all steps the tower stays locked.")
 
     @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ImageTowerConfig":
+        width, heads = self.kwargs.get("embed_dim"), self.kwargs.get("num_heads")
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+            raise ValueError(f"kwargs.num_heads={heads} does not divide kwargs.embed_dim={width}: pick a head "
+                             f"count that divides the width (e.g. {_divisor_near(width, heads)})")
+        return self
+
+    @model_validator(mode="after")
     def _mode_needs_weights(self) -> "ImageTowerConfig":
         if self.mode != "train" and self.pretrained is False:
             raise ValueError(f"mode={self.mode} keeps or slows down a pretrained tower, but pretrained=false: set "
@@ -90,6 +118,18 @@ class TextTowerConfig(_Strict):
     causal: bool = True
     hf_name_or_path: str | None = Field(None, description="transformers model name or local directory (kind=hf).")
     hf_config: dict[str, Any] | None = Field(None, description="transformers config kwargs for a fresh model (kind=hf).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TextTowerConfig":
+        if self.kind == "clip" and self.width % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide width={self.width}: pick a head count that "
+                             f"divides the width (e.g. {_divisor_near(self.width, self.heads)})")
+        return self
+
+
+def _divisor_near(width: int, heads: int) -> int:
+    """The divisor of `width` closest to `heads` (the fix an error message suggests)."""
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - heads), d))
 
 
 class ModelConfig(_Strict):
@@ -230,7 +270,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=2, description="Global batch size, split across ranks.")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-6, gt=0)
     warmup: float = Field(0.05, ge=0, description="Warm-up: a fraction of all steps if < 1, else a step count.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -243,6 +283,13 @@ class TrainConfig(_Strict):
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many optimizer steps whose loss or "
                                       "gradient norm is NaN/inf (logged, counted), then stop; 0: stop at the first.")
     progress: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)} (AdamW's usual: [0.9, 0.98])")
+        return value
 
 
 class EvalConfig(_Strict):
@@ -264,12 +311,16 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else a store in the working folder.")
     experiment: str | None = Field(None, description="Defaults to the ablation name (or 'alignlab').")
+    flush_timeout_s: float = Field(30.0, gt=0, description="At most this long the end of a run (and its start) "
+                                   "waits for an MLflow store that does not answer; what is left waits in the run "
+                                   "folder's tracking-spool.jsonl (alignlab tracking replay RUN_DIR).")
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"
-    seed: int = 0
-    output_dir: str = "runs"
+    name: str = Field("experiment", description="Run name; `alignlab train` writes to output_dir/<name>/seed-<n>.")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    output_dir: str = Field("runs", min_length=1, description="Root of the run folders; absolute or outside the "
+                            "working folder is allowed, with a notice.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -277,6 +328,11 @@ class ExperimentConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_path_name(value, "name")
 
     @model_validator(mode="after")
     def _image_size_matches_tower(self) -> "ExperimentConfig":
@@ -312,9 +368,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.path=value (e.g. train.lr=1e-4)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({describe_yaml_error(err)})") from None
     return key.strip(), value
 
 
@@ -342,13 +398,19 @@ def apply_overrides(tree: dict, overrides: dict[str, Any] | list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The top-level mapping of a YAML file (YAML 1.2, duplicate keys refused); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                          f"{path} is not a file (expected a YAML config)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_text(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a YAML config)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML at {describe_yaml_error(err)}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: write at least one setting (e.g. `name: my-run`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -364,7 +426,7 @@ def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
             loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
             got = e.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-            lines.append(f"  {loc or '<root>'}: {e['msg']}{got_text}")
+            lines.append(f"  {loc + ': ' if loc else ''}{e['msg']}{got_text}")
         raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
 
 
@@ -376,3 +438,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def check_inside(path: str | Path, root: str | Path, what: str) -> Path:
+    """`path` if it lies inside `root` (lexically: `..` resolved, symlinks kept), else ConfigError."""
+    resolved, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if not resolved.is_relative_to(base):
+        raise ConfigError(f"{what} {path} lies outside its output root {root}: check the run and arm names")
+    return Path(path)
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """Where `alignlab train` writes a config without --run-dir: output_dir/<name, '/' -> '_'>/seed-<n>."""
+    run_dir = Path(cfg.output_dir) / cfg.name.replace("/", "_") / f"seed-{cfg.seed}"
+    return check_inside(run_dir, cfg.output_dir, "run folder")
+
+
+def output_dir_notice(output_dir: str | Path) -> str | None:
+    """A one-line notice when `output_dir` is absolute or leaves the working folder (allowed: runs on a shared
+    volume are common, but a typo like `../..` should be seen), else None."""
+    path = Path(output_dir)
+    inside = Path(os.path.abspath(path)).is_relative_to(Path.cwd())
+    if path.is_absolute() or not inside:
+        where = "outside the working folder" if not inside else "an absolute path"
+        return f"output_dir {output_dir} is {where}; run folders are written under {os.path.abspath(path)}"
+    return None

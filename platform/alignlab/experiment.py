@@ -5,8 +5,11 @@ This is the inline runner; pipelines call the same functions step by step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,11 @@ from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, valid
 from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
 from alignlab.data.synth import generate_synthcaps
 from alignlab.data.writer import manifest_dataset_hash
+from alignlab.redaction import redact
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
-from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_history
+from alignlab.tracking import RUN_ID_FILE, RunTracker, flatten_params, git_commit, summarise_history
+from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
 from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.distributed import barrier, init_distributed
@@ -70,12 +75,15 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     import torch
 
     path = Path(checkpoint)
+    wanted = "`alignlab evaluate` wants a run's final.pt or checkpoints/step-*.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run's final.pt or "
-                                f"checkpoints/step-*.pt; did the train step finish?)")
+        raise FileNotFoundError(f"checkpoint {path} does not exist ({wanted}; did the train step finish?)")
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path} is a config file, not a checkpoint: {wanted} (train it first: alignlab train "
+                          f"{path})")
     state = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise CheckpointError(f"{path} is not an alignlab checkpoint (needs 'config' and 'model' entries)")
+    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
+        raise CheckpointError(f"{path} holds no alignlab model and config: {wanted}")
     tree = state["config"]
     if data_root:
         tree["data"]["root"], tree["data"]["synth"] = data_root, None
@@ -89,9 +97,27 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     return evaluate_checkpoint_model(cfg, model, tokenizer, Path(out_dir))
 
 
-MLFLOW_RUN_FILE = "mlflow_run_id.txt"  # in each run folder: the id of the run's MLflow run
+MLFLOW_RUN_FILE = RUN_ID_FILE  # in each run folder: the id of the run's MLflow run
 TAG_FAILURE = "alignlab.failure"  # why a run ended FAILED / KILLED, one line
 TAG_CONFIG_CHANGED = "alignlab.config_changed"  # a resume continued with a changed config (what, from which step)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside: SIGTERM (a job or pod being stopped) raises KeyboardInterrupt in the main thread, so a run's
+    error path ends its MLflow run KILLED and flushes its records instead of the process dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *, ablation: str | None = None,
@@ -108,10 +134,9 @@ def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *,
     tracker = RunTracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment or ablation or "alignlab",
                                run_name=f"{arm}/seed-{cfg.seed}" if arm else cfg.name, tags=tags,
                                params=flatten_params(config_to_dict(cfg)),
-                               parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"))
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / MLFLOW_RUN_FILE).write_text(tracker.run_id)
-    return tracker
+                               parent_run_id=parent_run_id or os.environ.get("ALIGNLAB_PARENT_RUN_ID"),
+                               spool_dir=run_dir, flush_timeout_s=cfg.tracking.flush_timeout_s)
+    return tracker  # it wrote run_dir/mlflow_run_id.txt ("pending:..." until the store answers)
 
 
 @dataclass
@@ -221,7 +246,10 @@ def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, al
     if dist.is_main:
         prepare_data(cfg)
     barrier()
-    tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id) if mlflow_run_id and dist.is_main else None
+    tracker = None
+    if mlflow_run_id and dist.is_main:
+        tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id, spool_dir=run_dir,
+                                    flush_timeout_s=cfg.tracking.flush_timeout_s)
     try:
         trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, allow_config_change=allow_config_change,
                             dist=dist)
@@ -262,9 +290,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
         tracker = start_run_tracking(cfg, run_dir, builders.resolve_data_root(cfg.data), ablation=ablation, arm=arm,
                                      world_size=dist.world_size, parent_run_id=parent_run_id)
     try:
-        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, allow_config_change=allow_config_change,
-                            dist=dist)
-        return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
+        with sigterm_as_interrupt():  # Ctrl-C and SIGTERM end the run KILLED, exceptions FAILED, never RUNNING
+            trained = train_run(cfg, run_dir, tracker=tracker, resume=resume,
+                                allow_config_change=allow_config_change, dist=dist)
+            return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
     except BaseException as err:
         end_tracking_on_error(tracker, err)
         raise
@@ -345,7 +374,8 @@ def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print)
     print_fn(table.to_markdown(metrics=spec.report_metrics, details=False))
     if spec.report_plot is not None:
         plot = spec.report_plot
-        points = {p.arm: (str(p.config_value(plot.group)) if plot.group else spec.name, float(p.config_value(plot.x)))
+        points = {p.arm: (redact(str(p.config_value(plot.group))) if plot.group else spec.name,
+                          float(p.config_value(plot.x)))
                   for p in plans if p.arm in table.arms}
         png = plot_metric_curves(table, points, plot.metrics, out_dir / "report_plot.png", x_label=plot.x)
         print_fn(f"plot: {png}")

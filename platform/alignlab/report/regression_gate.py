@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from alignlab.tracking import TAG_ARM, find_runs, resolve_tracking_uri, sanitise_metric_name
 from alignlab.tracking.mlflow_tracker import _run_record  # one run by id, in find_runs' shape and names
+from alignlab.yaml12 import describe_yaml_error, load_yaml_text
 
 DIRECTIONS = ("higher", "lower")
 STATES = ("ok", "violation", "regression", "insufficient_history", "missing")
@@ -303,7 +304,10 @@ def load_gate_config(path: str | Path) -> GateConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"gate rules file {path} does not exist")
-    tree = yaml.safe_load(path.read_text())
+    try:
+        tree = load_yaml_text(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML at {describe_yaml_error(err)}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("rules"), list) or not tree["rules"]:
         raise ValueError(f"{path}: expected a mapping with a non-empty list under 'rules'")
     unknown = sorted(set(tree) - _TOP_KEYS)

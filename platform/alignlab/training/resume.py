@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
+from alignlab.redaction import redact
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 
@@ -53,7 +54,7 @@ def config_changes(saved: dict, cfg: ExperimentConfig, source: str) -> list[Conf
     The saved tree is validated first, so fields added to the schema since it was written compare as their
     defaults."""
     old = _flatten(config_to_dict(validate_config(saved, source=source)))
-    new = _flatten(config_to_dict(cfg))
+    new = _flatten(redact(config_to_dict(cfg)))  # the saved tree was written redacted
     return [ConfigChange(field, old.get(field), new.get(field)) for field in sorted(old.keys() | new.keys())
             if old.get(field) != new.get(field) and not _is_free(field)]
 

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from alignlab.config import ExperimentConfig, config_to_dict
+from alignlab.config import ConfigError, ExperimentConfig, config_to_dict
 from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
 from alignlab.data.skips import SkipTracker
+from alignlab.redaction import redact
+from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
 from alignlab.training.checkpoint import (
     atomic_torch_save,
@@ -156,11 +157,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
                                                            source=dataset.source)  # also adds the heads
     raw_model.to(dist.device)
+    if len(dataset) < tcfg.batch_size:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} is larger than the {len(dataset)} training samples "
+                          f"of {redact(str(data_root))}: lower train.batch_size")
     sampler = ResumableBatchSampler(len(dataset), tcfg.batch_size, seed=cfg.seed, rank=dist.rank,
                                     world_size=dist.world_size, drop_last=True)
     steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={tcfg.batch_size} exceeds the {len(dataset)} training samples")
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     image_cfg = cfg.model.image
     raw_model.set_image_tower_locked(image_cfg.mode == "locked")  # LiT: its parameters stay out of the optimizer
@@ -211,7 +213,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
             print(f"[alignlab] no checkpoint in {ckpt_dir}: starting from step 0")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), run_dir / "config.yaml")
+        atomic_write_text(dump_yaml(redact(config_to_dict(cfg))), run_dir / "config.yaml")
     # FT-delay: the tower's parameters get no gradient while locked, which DDP must be told to expect.
     model = (DistributedDataParallel(raw_model, find_unused_parameters=image_cfg.mode == "ft_delay")
              if dist.enabled else raw_model)
@@ -230,7 +232,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "config": config_to_dict(cfg)}
+                 "config": redact(config_to_dict(cfg))}
         return save_checkpoint(ckpt_dir, at_step, state, tcfg.keep_checkpoints) if dist.is_main else None
 
     # ---- train ---------------------------------------------------------------------------------
@@ -299,8 +301,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     final = None
     save(step)  # every rank: the divergence check before it is collective
     if dist.is_main:
-        final = atomic_torch_save({"model": raw_model.state_dict(), "config": config_to_dict(cfg), "step": step},
-                                  run_dir / "final.pt")
+        final = atomic_torch_save({"model": raw_model.state_dict(), "config": redact(config_to_dict(cfg)),
+                                   "step": step}, run_dir / "final.pt")
     barrier()
     return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model,
                        config_changes=changes, skipped_steps=guard.skipped)
