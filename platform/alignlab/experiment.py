@@ -23,7 +23,6 @@ from alignlab.redaction import redact
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
 from alignlab.tracking import RUN_ID_FILE, RunTracker, flatten_params, git_commit, summarise_history
-from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
 from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.distributed import barrier, init_distributed
