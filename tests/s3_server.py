@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,22 @@ class SeaweedS3:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
-        for path in self.grpc_sockets:
+        for path in self.grpc_sockets + [Path(arg) for arg in self.command if arg.endswith(".sock")]:
             path.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        """SIGKILL the server and start it again on the same ports, folder and credentials (its objects
+        survive); returns once an object can be written again. The master's raft state survives too, and
+        with it the default 10 s election timeout, which a single-node cluster can cut short. PDEATHSIG
+        fires when the creating *thread* ends, so a restart from another thread must be stop()ped by its caller."""
+        self.stop()
+        on_main = threading.current_thread() is threading.main_thread()
+        with open(self.workdir / "weed-restart.log", "ab") as log:
+            self.process = subprocess.Popen(self.command + ["-master.electionTimeout", "500ms"], cwd=self.workdir,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "GOMEMLIMIT": "384MiB"},
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" and on_main else None)
+        _wait_until_writable(self, time.monotonic() + STARTUP_TIMEOUT_S)
 
 
 def find_weed() -> str | None:
@@ -193,3 +208,94 @@ def s3_env(s3_server, monkeypatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+class CuttingProxy:
+    """A TCP relay on 127.0.0.1 in front of `upstream` (host, port), to break an S3 read at a chosen byte.
+
+    `cut_after(n_ranged, body_bytes, on_cut)`: the response to the `n_ranged`-th ranged GET from now on is
+    relayed up to its headers plus `body_bytes` of its body; then `on_cut()` runs (e.g. SIGKILLs the server)
+    and both sides of that connection are closed, so the client holds a short body. `mode` decides what
+    a new connection meets: "relay", "hold" (waits until mode changes: a load balancer in front of a
+    restarting server) or "refuse" (closed at once). `ranged_gets` counts the ranged GETs seen."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.mode, self.ranged_gets = upstream, "relay", 0
+        self._changed, self._lock, self._cut = threading.Condition(), threading.Lock(), None
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def set_mode(self, mode: str) -> None:
+        with self._changed:
+            self.mode = mode
+            self._changed.notify_all()
+
+    def cut_after(self, n_ranged: int, body_bytes: int, on_cut) -> None:
+        with self._lock:
+            self._cut = [self.ranged_gets + n_ranged, body_bytes, on_cut]
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.mode != "hold", timeout=60)
+        try:
+            if self.mode == "refuse":
+                raise OSError("refusing")
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            return
+        state = {"cut": None}  # [body_bytes, on_cut] once this connection carries the GET to break
+        threading.Thread(target=self._pump_requests, args=(client, upstream, state), daemon=True).start()
+        self._pump_responses(upstream, client, state)
+
+    def _pump_requests(self, client: socket.socket, upstream: socket.socket, state: dict) -> None:
+        try:
+            while data := client.recv(65536):
+                if data.startswith(b"GET ") and b"\r\nrange: bytes=" in data.lower():
+                    with self._lock:
+                        self.ranged_gets += 1
+                        if self._cut is not None and self.ranged_gets == self._cut[0]:
+                            state["cut"], self._cut = self._cut[1:], None
+                upstream.sendall(data)
+        except OSError:
+            pass
+        _close(client, upstream)
+
+    def _pump_responses(self, upstream: socket.socket, client: socket.socket, state: dict) -> None:
+        pending = b""
+        try:
+            while data := upstream.recv(65536):
+                if state["cut"] is None:
+                    client.sendall(data)
+                    continue
+                pending += data
+                head_end = pending.find(b"\r\n\r\n")
+                if head_end >= 0 and len(pending) >= head_end + 4 + state["cut"][0]:
+                    client.sendall(pending[:head_end + 4 + state["cut"][0]])
+                    state["cut"][1]()
+                    break
+        except OSError:
+            pass
+        _close(client, upstream)
+
+
+def _close(*sockets: socket.socket) -> None:
+    # shutdown() first: close() alone neither wakes the other pump thread's recv nor sends the FIN.
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()

@@ -69,13 +69,13 @@ def shard_dir(tmp_path_factory):
 def test_random_access_equals_streaming_and_counts_incomplete(shard_dir, caplog):
     with caplog.at_level(logging.WARNING):
         index = WebDatasetIndex(shard_dir)
-    assert len(index) == 10 and index.num_incomplete == 2
-    assert [key.rsplit(":", 1)[1] for key in index.incomplete_keys] == ["s0005", "s0006"]
-    assert "2 incomplete" in caplog.text
+    assert len(index) == 10 and index.truncated_shards == []
+    assert [(r["key"], r["reason"]) for r in index.skipped] == [("s0005", "missing_caption"), ("s0006", "missing_image")]
+    assert "2 corrupt sample(s) left out of 3 shard(s): missing_caption 1, missing_image 1" in caplog.text
 
-    incomplete = []
-    streamed = list(iter_webdataset(expand_shards(shard_dir), incomplete=incomplete))
-    assert incomplete == index.incomplete_keys
+    skipped = []
+    streamed = list(iter_webdataset(expand_shards(shard_dir), skipped=skipped))
+    assert skipped == index.skipped
     assert streamed == [index[i] for i in range(len(index))]
     # Read out of order too: seeking must not depend on the previous read.
     for i in [7, 0, 9, 3, 3]:

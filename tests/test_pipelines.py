@@ -275,14 +275,34 @@ def test_train_and_evaluate_steps_reproduce_the_inline_run(synth_root, tmp_path,
 
 
 @pytest.mark.slow
-def test_two_arm_spec_end_to_end_on_the_kfp_local_runner(tmp_path, monkeypatch):
+def test_two_arm_spec_end_to_end_on_the_kfp_local_runner(tmp_path, monkeypatch, capsys):
+    """`alignlab run` on kfp's local runner: the runs, the report and MLflow; on the terminal one line per
+    task and the report table (the executors' output is in runs/<ablation>/logs/)."""
+    from alignlab.cli import main
     from alignlab.tracking import find_runs
-    from alignlab_pipelines.local import run_local
+    from alignlab_pipelines.local import planned_task_labels
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_local(_write_spec(tmp_path, tracking_uri=uri), ["train.max_steps=4"])
-    assert out == Path("runs/two-arms")
+    assert main(["run", str(_write_spec(tmp_path, tracking_uri=uri)), "train.max_steps=4"]) == 0
+    out = Path("runs/two-arms")
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert len(lines) < 40, printed
+    labels = planned_task_labels(*load_spec(tmp_path / "spec.yaml", ["train.max_steps=4"]))
+    assert len(labels) == 8 and "train slow/seed-0" in labels and "evaluate fast/seed-0" in labels
+    for label in labels:  # exactly one done line per task, and its log
+        assert sum(re.search(rf"\] done +{re.escape(label)} +([\d.]+ s|\d+m\d\ds)$", line) is not None
+                   for line in lines) == 1
+        assert (out / "logs" / f"{label.replace(' ', '-').replace('/', '-')}.log").stat().st_size > 0
+    assert "KFP Executor" not in printed and "executor_input" not in printed and "parameterValues" not in printed
+    assert "KFP Executor" in (out / "logs" / "train-fast-seed-0.log").read_text()
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| metric") and len(table) == 1 + 2 * 2  # header, 2 metrics x 2 arms ("|---" rule)
+    assert any("| fast (baseline)" in line for line in table) and "**Preliminary**" in printed
+    # the store is mlflow.db in the working folder: the command names it as such
+    assert lines[-1].strip().startswith("MLflow")
+    assert lines[-1].endswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
     report = json.loads((tmp_path / out / "report.json").read_text())
     assert report["arms"] == ["fast", "slow"] and report["baseline"] == "fast"
     assert (tmp_path / out / "report.md").read_text().count("|") > 0

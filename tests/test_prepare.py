@@ -165,7 +165,7 @@ def test_interrupted_outputs_are_redone_and_foreign_or_changed_ones_refused(synt
         run_prepare_step({"filter": {**entry["filter"], "data": "{data_root}"}})
 
 
-def test_spec_with_a_prepare_filter_trains_its_arm_on_the_filtered_shards(tmp_path, monkeypatch):
+def test_spec_with_a_prepare_filter_trains_its_arm_on_the_filtered_shards(tmp_path, monkeypatch, capsys):
     """Inline: data -> prepare filter (complexity drops the 30 % uninformative captions) -> one arm on the
     filtered shards; its step count is the kept pairs // batch size. Run again with --resume: all skipped."""
     from alignlab.experiment import run_ablation
@@ -180,12 +180,12 @@ def test_spec_with_a_prepare_filter_trains_its_arm_on_the_filtered_shards(tmp_pa
     run_dir = tmp_path / "runs" / "prep" / "C" / "seed-0"
     steps = len((run_dir / "metrics.jsonl").read_text().splitlines())
     assert steps == stats["written"] // 32 < SMALL_SYNTH["num_train"] // 32
-    assert any("prepare 1/1 filter -> data/filtered: done" in line for line in printed)
-    assert printed.index(next(p for p in printed if "prepare 1/1" in p)) < \
-        printed.index(next(p for p in printed if "C/seed-0 ->" in p))
-    printed.clear()
+    prepare_log = tmp_path / "runs" / "prep" / "logs" / "prepare.log"
+    assert "prepare 1/1 filter -> data/filtered: done" in prepare_log.read_text()
+    tasks = capsys.readouterr().out
+    assert tasks.index("] done     prepare") < tasks.index("] done     run C/seed-0")
     run_ablation(spec, resume=True, print_fn=printed.append)
-    assert any("prepare 1/1 filter -> data/filtered: skipped, already complete" in line for line in printed)
+    assert "prepare 1/1 filter -> data/filtered: skipped, already complete" in prepare_log.read_text()
 
 
 def test_compiled_pipeline_runs_prepare_steps_in_order_between_data_and_runs(tmp_path):

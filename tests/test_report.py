@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from alignlab.report import build_report, welch_ci95_halfwidth, write_report
+from alignlab.report import build_report, write_report
+from alignlab.report.stats import welch_t
 from alignlab.tracking.summary import summarise_history
 
 # Arm a (baseline): acc [1, 3] -> mean 2, std sqrt(2); loss [0.5] + one seed missing -> n 1, std n/a.
@@ -29,12 +30,14 @@ def test_statistics_against_hand_computed():
     a_acc, b_acc, c_acc = (table.cell(arm, "acc") for arm in "abc")
     assert (a_acc["mean"], a_acc["std"], a_acc["n"], a_acc["delta"]) == (2.0, pytest.approx(math.sqrt(2)), 2, 0.0)
     assert (b_acc["mean"], b_acc["std"], b_acc["n"], b_acc["delta"]) == (4.0, pytest.approx(math.sqrt(2)), 2, 2.0)
-    assert b_acc["ci95"] == pytest.approx(T_975_DF2 * math.sqrt(2.0), rel=1e-9)
-    assert math.isnan(a_acc["ci95"]) and math.isnan(c_acc["std"]) and math.isnan(c_acc["ci95"])
+    # a and b share seeds 0 and 1: paired, d = [2, 2] has no spread: the interval collapses onto +2 and the
+    # sign-flip test (p = 2 / 2^2) decides
+    assert (b_acc["test"], b_acc["ci_low"], b_acc["ci_high"], b_acc["p"]) == ("sign-flip", 2.0, 2.0, 0.5)
+    assert math.isnan(a_acc["ci_low"]) and math.isnan(c_acc["std"]) and math.isnan(c_acc["ci_low"])
     assert c_acc["delta"] == 8.0
     a_loss, b_loss, c_loss = (table.cell(arm, "loss") for arm in "abc")
     assert a_loss["n"] == 1 and a_loss["mean"] == 0.5 and math.isnan(a_loss["std"])
-    assert b_loss["delta"] == pytest.approx(0.0) and math.isnan(b_loss["ci95"])  # baseline has n=1
+    assert b_loss["delta"] == pytest.approx(0.0) and math.isnan(b_loss["ci_low"])  # baseline has n=1
     assert c_loss["n"] == 0 and math.isnan(c_loss["mean"])
 
 
@@ -42,20 +45,30 @@ def test_welch_unequal_variances():
     # s_a^2/n_a = 1, s_b^2/n_b = 8/2 = 4 -> se^2 = 5, df = 25 / (1/1 + 16/1) = 25/17.
     from scipy import stats
 
-    half = welch_ci95_halfwidth([1.0, 3.0], [2.0, 6.0])
-    assert half == pytest.approx(stats.t.ppf(0.975, 25 / 17) * math.sqrt(5.0))
-    assert welch_ci95_halfwidth([2.0, 2.0], [3.0, 3.0]) == 0.0
+    delta, low, high, _ = welch_t([1.0, 3.0], [2.0, 6.0])
+    assert high - delta == pytest.approx(stats.t.ppf(0.975, 25 / 17) * math.sqrt(5.0))
+    assert welch_t([2.0, 2.0], [3.0, 3.0])[1:3] == (-1.0, -1.0)
+    # unpaired arms in a report get the same interval: b's seeds 5, 6 are not a's 0, 1
+    table = build_report([{"arm": "a", "seed": s, "metrics": {"x": v}} for s, v in ((0, 1.0), (1, 3.0))]
+                         + [{"arm": "b", "seed": s, "metrics": {"x": v}} for s, v in ((5, 2.0), (6, 6.0))], "a")
+    assert table.cell("b", "x")["test"] == "welch t"
+    assert table.cell("b", "x")["ci_high"] - 2.0 == pytest.approx(stats.t.ppf(0.975, 25 / 17) * math.sqrt(5.0))
 
 
-def test_markdown_one_row_per_arm():
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_markdown_one_row_per_metric_and_arm():
     table = build_report(RECORDS, baseline="a")
-    text = table.to_markdown(metrics=["acc"])
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
-    assert [row.split("|")[1].strip() for row in rows] == ["a (baseline)", "b", "c"]
-    assert "| a (baseline) | 2 | 2 ± 1.414 |" in text
-    assert f"4 ± 1.414, Δ +2 [±{T_975_DF2 * math.sqrt(2):.4g}]" in text
-    assert "10 ± n/a, Δ +8 |" in text and "loss" not in text.splitlines()[0]
-    assert "0.5 ± n/a (n=1)" in table.to_markdown()
+    text = table.to_markdown(metrics=["acc"], details=False)
+    rows = [_cells(line) for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [row[:2] for row in rows] == [["acc", "a (baseline)"], ["", "b"], ["", "c"]]
+    assert rows[0][2:4] == ["2", "2.0 ± 1.4"]
+    assert rows[1][3:] == ["4.0 ± 1.4", "+2 [2, 2] n.s.", "sign-flip"]
+    assert rows[2][2:5] == ["1", "10 ± n/a", "+8 (no test: n < 2)"]
+    assert "loss" not in text
+    assert "| loss   | a (baseline) | 1 of 2 | 0.5 ± n/a" in table.to_markdown()
     with pytest.raises(ValueError, match="not in the report"):
         table.to_markdown(metrics=["recall"])
 
@@ -65,7 +78,7 @@ def test_csv_and_json_roundtrip(tmp_path):
     paths = write_report(table, tmp_path / "out", metrics=["acc"])
     with paths["csv"].open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["arm", "metric", "mean", "std", "n", "delta", "ci95", "baseline"]
+    assert list(rows[0])[:5] == ["arm", "metric", "mean", "std", "n"] and list(rows[0])[-1] == "baseline"
     assert len(rows) == 6 and {row["baseline"] for row in rows} == {"a"}
     by_key = {(row["arm"], row["metric"]): row for row in rows}
     assert float(by_key["a", "acc"]["std"]) == math.sqrt(2) and int(by_key["a", "loss"]["n"]) == 1

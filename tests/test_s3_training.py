@@ -11,6 +11,7 @@ import multiprocessing
 import operator
 import pickle
 import tarfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alignlab.config import validate_config
 from alignlab.data.shards import SIDECAR_SUFFIX, WebDatasetIndex, expand_shards, write_shard_index
 from alignlab.training import builders
 from conftest import tiny_config_tree
-from s3_server import s3_env, s3_server  # noqa: F401  (pytest fixtures)
+from s3_server import CuttingProxy, s3_env, s3_server, start_seaweedfs  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("minio")
 
@@ -112,7 +113,7 @@ def test_pickled_s3_store_carries_no_credentials(s3_env, monkeypatch):
 def test_s3_index_returns_the_local_samples_byte_for_byte(s3_env, s3_synth, synth_root):
     local = WebDatasetIndex(synth_root / "train")
     remote = WebDatasetIndex(f"{s3_synth}/train", manifest=f"{s3_synth}/manifest.json")
-    assert len(remote) == len(local) == 256 and remote.num_incomplete == local.num_incomplete == 0
+    assert len(remote) == len(local) == 256 and remote.skipped == local.skipped == []
     assert remote.shard_paths == [f"{s3_synth}/train/shard-{i:06d}.tar" for i in range(3)]
     assert remote.unlisted_shards == [] and remote.num_sidecars == 0
     for i in range(len(local)):
@@ -157,8 +158,8 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
     monkeypatch.setattr(S3Store, "read_range", counting)
     local, remote = WebDatasetIndex(shard), WebDatasetIndex(uri)
     walk_bytes = sum(ranges)
-    assert len(remote) == len(local) == 5 and remote.num_incomplete == 1
-    assert remote.incomplete_keys == [f"{uri}:0003"]
+    assert len(remote) == len(local) == 5
+    assert [(r["shard"], r["key"], r["reason"]) for r in remote.skipped] == [(uri, "0003", "missing_caption")]
     assert (remote._offsets == local._offsets).all() and (remote._sizes == local._sizes).all()
     assert walk_bytes < 0.1 * shard.stat().st_size, (walk_bytes, shard.stat().st_size)
 
@@ -170,7 +171,7 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
     ranges.clear()
     with_sidecar = WebDatasetIndex(uri)
     assert ranges == [] and with_sidecar.num_sidecars == 1
-    assert (with_sidecar._offsets == local._offsets).all() and with_sidecar.incomplete_keys == remote.incomplete_keys
+    assert (with_sidecar._offsets == local._offsets).all() and with_sidecar.skipped == remote.skipped
 
     # The shard is rewritten (one sample fewer): the old sidecar is stale and must not be trusted.
     smaller = tmp_path / "smaller.tar"
@@ -185,13 +186,20 @@ def test_header_walk_skips_bodies_and_sidecar_index_replaces_it(s3_env, tmp_path
         remote[1]
 
     # Truncated uploads: cut inside a body, or exactly at a header (which tarfile alone takes for the end).
+    # Found as on local disk: the sample before the cut is kept, the cut one is named, the shard is listed.
     data = shard.read_bytes()
     sample_1_header = int(local._offsets[1, 0]) - 512
-    for cut, reason in ((sample_1_header + 5000, "truncated or corrupt"),
-                        (sample_1_header, f"no end-of-archive marker at byte {sample_1_header}")):
+    for cut, lost, detail in ((sample_1_header + 5000, [(uri, "0001", "truncated_shard")], "inside member '0001.png'"),
+                              (sample_1_header, [], "between two members, without the end-of-archive marker")):
         storage.write_bytes(uri, data[:cut])
-        with pytest.raises(ValueError, match=f"{uri} (is|has) {reason}"):
-            WebDatasetIndex(uri)
+        cut_index = WebDatasetIndex(uri)
+        assert len(cut_index) == 1 and _without_url(cut_index[0]) == _without_url(local[0])
+        assert [(r["shard"], r["key"], r["reason"]) for r in cut_index.skipped] == lost
+        [truncated] = cut_index.truncated_shards
+        assert (truncated["at_byte"], truncated["samples_kept"], truncated["last_kept"]) == (cut, 1, "0000")
+        assert detail in truncated["detail"]
+        with pytest.raises(ValueError, match=f"{uri} ends early"):
+            write_shard_index(uri)
 
 
 def test_pickled_index_has_no_credentials_and_reopens_in_a_spawned_process(s3_env, s3_synth):
@@ -220,6 +228,51 @@ def test_training_from_s3_matches_local_bit_for_bit(s3_env, s3_synth, synth_root
         states.append(result.model.state_dict())
     assert len(histories[0]) == 3 and histories[0] == histories[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_server_killed_mid_read_is_retried_or_fails_clearly_never_short(synth_root, tmp_path, monkeypatch, caplog):
+    """R3: the S3 server is SIGKILLed while a training sample's ranged GET is half-way through its body (a
+    relay cuts the response after 64 body bytes). Restarted, the read is retried and training matches an
+    uninterrupted local run bit for bit; never back, the run fails naming the shard, nothing is skipped."""
+    from alignlab.training.trainer import train
+
+    server = start_seaweedfs(tmp_path / "weed")  # its own server: this one gets killed
+    proxy = CuttingProxy(("127.0.0.1", int(server.endpoint.rsplit(":", 1)[1])))
+    try:
+        for name, value in {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+            monkeypatch.setenv(name, value)
+        root = f"s3://{server.make_bucket('outage')}/synth"
+        for key in _upload_tree(synth_root, root)[1:]:
+            write_shard_index(f"{root}/{key}")  # so that every ranged GET below reads a training sample
+        tree = tiny_config_tree(synth_root, tmp_path / "local", max_steps=4)
+        tree["data"]["num_workers"] = 0
+        reference = [h["loss"] for h in train(validate_config(tree), tmp_path / "local").history]
+        tree["data"]["root"] = root
+
+        def restart():  # a load balancer holds new connections while the server comes back
+            proxy.set_mode("hold")
+            server.process.kill()
+            threading.Thread(target=lambda: (server.restart(), proxy.set_mode("relay")), daemon=True).start()
+
+        proxy.cut_after(40, 64, restart)  # batch 2 of 4 (32 samples, one GET each)
+        with caplog.at_level(logging.INFO, logger="alignlab.storage"):
+            resumed = train(validate_config(tree), tmp_path / "restart")
+        assert proxy._cut is None and "transient ProtocolError on attempt 1/5, retrying" in caplog.text
+        assert [h["loss"] for h in resumed.history] == reference
+        assert json.loads((tmp_path / "restart" / "skips.json").read_text())["skipped"] == 0
+
+        def kill():
+            proxy.set_mode("refuse")
+            server.process.kill()
+
+        proxy.cut_after(40, 64, kill)
+        with pytest.raises(OSError, match=rf"read {root}/train/shard-00000\d.tar failed after 5 attempt\(s\) "
+                                          rf"against {proxy.endpoint}: ProtocolError"):
+            train(validate_config(tree), tmp_path / "kill")
+        assert json.loads((tmp_path / "kill" / "skips.json").read_text())["skipped"] == 0  # not taken for corrupt
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_s3_root_resolves_to_the_uri_and_refuses_synth_generation():

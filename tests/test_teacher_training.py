@@ -126,10 +126,10 @@ def test_concept_distillation_reads_cached_targets_by_sample_index(synth_root, t
         terms = [record[f"loss/{t}"] for t in (contrastive_term, "cd_objects", "cd_attributes")]
         assert record["loss"] == pytest.approx(sum(terms), rel=1e-5)
 
-    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
     assert final["model"]["heads.objects.weight"].shape == (len(CONCEPTS["objects"]), 32)
     assert final["model"]["heads.attributes.weight"].shape == (len(CONCEPTS["attributes"]), 32)
-    step = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1], weights_only=False)
+    step = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1], weights_only=True)
     lrs = {g["name"]: g["initial_lr"] for g in step["optimizer"]["param_groups"]}
     assert lrs["concept_heads/decay"] == pytest.approx(10 * lrs["decay"])
     wds = {g["name"]: g["weight_decay"] for g in step["optimizer"]["param_groups"]}
@@ -235,8 +235,8 @@ def test_ft_delay_switches_at_the_set_step_and_resumes_exactly_across_it(synth_r
     full = train(cfg, tmp_path / "full", on_metrics=watch)
     assert [h["image_tower_locked"] for h in full.history] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     assert changed == [False, False, False, True, True, True]  # steps 1-3 locked, tuned from step 4 on
-    state = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
-    step = torch.load(list_checkpoints(tmp_path / "full" / "checkpoints")[-1][1], weights_only=False)
+    state = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    step = torch.load(list_checkpoints(tmp_path / "full" / "checkpoints")[-1][1], weights_only=True)
     lrs = {g["name"]: g["initial_lr"] for g in step["optimizer"]["param_groups"]}
     assert lrs["image_tower/decay"] == pytest.approx(0.01 * lrs["decay"])
 

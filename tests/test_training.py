@@ -64,7 +64,7 @@ def test_training_reduces_the_loss_and_writes_a_final_checkpoint(synth_root, tmp
     first = sum(h["loss"] for h in result.history[:3]) / 3
     last = sum(h["loss"] for h in result.history[-3:]) / 3
     assert last < first - 0.05, (first, last)
-    state = torch.load(tmp_path / "r" / "final.pt", weights_only=False)
+    state = torch.load(tmp_path / "r" / "final.pt", weights_only=True)
     assert state["step"] == result.steps == 3 * (256 // 32)
     assert max(h["logit_scale"] for h in result.history) <= 100.0
 

@@ -140,7 +140,10 @@ def _train_with_torchx(cfg: ExperimentConfig, run_dir: Path, launch: dict, *, re
     from alignlab.experiment import load_train_outcome
     from alignlab_components.torchx_launch import launch_train
 
-    config_path = run_dir / "config.yaml"
+    # Not run_dir/config.yaml: that is the config the checkpoints were trained with, which the job itself
+    # rewrites only once its resume check passed.
+    config_path = run_dir / "torchx" / "launch-config.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     train_args = ["--train-only"] + (["--resume"] if resume else [])
     if tracker:

@@ -15,8 +15,13 @@ store are where the inline runner puts them. What kfp 2.16's local runner does w
   a loop in the same DAG (hence the `runs` sub-pipeline), and a sub-pipeline holding a loop under a root
   without control flow: `kfp.local` picks its loop-capable orchestrator only when the root DAG itself has a
   loop or condition, so `run_pipeline_locally` calls that orchestrator directly.
+
+Output: kfp echoes every executor's output and its own task logs to stdout; `local_output` sends them to
+runs/<ablation>/logs/<task>.log and prints one line per task instead. After a failed task kfp still runs
+the loop iterations it had queued (its thread pool's shutdown waits for them), then the pipeline fails.
 """
 
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -25,8 +30,10 @@ from pathlib import Path
 from kfp import local
 
 from alignlab.ablation import load_spec
+from alignlab.console import TaskConsole, TaskFailed
 from alignlab.experiment import ablation_dir
-from alignlab_pipelines.ablation import pipeline_for_plans
+from alignlab_pipelines.ablation import dataset_configs, pipeline_for_plans
+from alignlab_pipelines.local_output import capture_task_output
 from alignlab_pipelines.settings import PipelineSettings
 
 # kfp's local runner runs at most this many loop iterations at a time (ParallelExecutor.conservative_max).
@@ -54,21 +61,28 @@ def run_pipeline_locally(pipeline_func, arguments: dict) -> dict:
         unique_pipeline_id=placeholder_utils.make_random_id(), fail_stack=fail_stack)
     if result != status.Status.SUCCESS:
         failed = " inside ".join(fail_stack) or "a task"
-        raise RuntimeError(f"pipeline {spec.pipeline_info.name} failed: {failed} exited with an error "
-                           f"(its log is printed above)")
+        raise TaskFailed(f"pipeline {spec.pipeline_info.name} failed: {failed} exited with an error (the failed "
+                         f"task's log is named above)")
     return outputs
 
 
 def prepare_tracking_stores(plans) -> None:
     """Open each run's MLflow store once, here: parallel steps that each find a fresh SQLite store both try
-    to create its tables, and one fails ("table ... already exists")."""
+    to create its tables, and one fails ("table ... already exists"). MLflow's INFO lines about creating
+    the tables are held back: they are routine, and the terminal is for task lines."""
     from mlflow.tracking import MlflowClient
 
     from alignlab.tracking import resolve_tracking_uri
 
     uris = {resolve_tracking_uri(p.config.tracking.tracking_uri) for p in plans if p.config.tracking.enabled}
-    for uri in sorted(uris):
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    logger = logging.getLogger("mlflow.store.db.utils")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        for uri in sorted(uris):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
@@ -86,22 +100,34 @@ def cpu_share_per_step():
         del os.environ["OMP_NUM_THREADS"]
 
 
+def planned_task_labels(spec, plans) -> list[str]:
+    """The labels of every task the pipeline will run, in order (as `local_output.task_label` names them)."""
+    labels = ["open-tracking"] + [f"data {Path(root).name}" for root in dataset_configs(plans, spec)]
+    labels += [f"prepare {entry.kind}" for entry in spec.prepare]
+    labels += [f"{step} {plan.arm}/seed-{plan.seed}" for plan in plans for step in ("train", "evaluate")]
+    return labels + ["report"] + (["gate"] if spec.gate is not None else []) + ["close-tracking"]
+
+
 def run_local(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
-              pipeline_root: str | Path | None = None, print_fn=print) -> Path:
+              verbose: bool = False, pipeline_root: str | Path | None = None, print_fn=print) -> Path:
     """Run an ablation spec as its KFP pipeline on the local runner; returns the report folder.
 
-    `pipeline_root` (default runs/<ablation>/kfp-local) holds kfp's per-task outputs and artifacts."""
+    One line per task state on the terminal; each task's output (kfp's executor logs) goes to
+    runs/<ablation>/logs/<task>.log, shown when the task fails (`verbose`: live). `pipeline_root` (default
+    runs/<ablation>/kfp-local) holds kfp's per-task outputs and artifacts."""
     spec, plans = load_spec(spec_path, overrides)
-    print_fn(f"[alignlab] ablation {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds "
-             f"= {len(plans)} runs, on kfp's local runner")
+    out_dir = ablation_dir(plans)
+    console = TaskConsole(out_dir / "logs", verbose=verbose)
+    print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "
+             f"runs, on kfp's local runner; task logs in {console.log_dir}/")
     pipeline = pipeline_for_plans(spec, plans, PipelineSettings())
     prepare_tracking_stores(plans)
-    out_dir = ablation_dir(plans)
     root = Path(pipeline_root or out_dir / "kfp-local").resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    with warnings.catch_warnings(), cpu_share_per_step():
+    console.queued(planned_task_labels(spec, plans))
+    with warnings.catch_warnings(), cpu_share_per_step(), capture_task_output(console):
         # The subprocess runner warns about any image without "python" in its name; it never uses the image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         outputs = run_pipeline_locally(pipeline, {"workdir": str(Path.cwd()), "resume": resume})
-    print_fn(outputs["Output"])  # the report step's table and file names, as the inline runner prints them
+    print_fn("\n" + outputs["Output"].rstrip())  # the report step's table, as the inline runner prints it
     return out_dir

@@ -34,7 +34,7 @@ _DURATION = r"^[0-9]+(\.[0-9]+)?s$"
 class Toleration(BaseModel):
     """A Kubernetes toleration (e.g. for a tainted GPU node pool)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     key: str | None = None
     operator: Literal["Equal", "Exists"] = "Equal"
@@ -46,14 +46,14 @@ class Toleration(BaseModel):
 class SecretEnv(BaseModel):
     """Environment variables from one Kubernetes Secret: {secret data key: variable name}."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     secret: str = Field(min_length=1, description="Name of the Secret in the pipeline's namespace.")
     env: dict[str, str] = Field(min_length=1, description="e.g. {AWS_ACCESS_KEY_ID: AWS_ACCESS_KEY_ID}")
 
 
 class PipelineSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     image: str = Field("alignlab:latest", min_length=1, description="Image with alignlab[orchestration] installed.")
     gpus: int = Field(0, ge=0, description="GPUs per train / evaluate step (0: CPU only).")

@@ -60,7 +60,7 @@ from alignlab.data.synth import SynthCapsConfig
 class ReportPlot(BaseModel):
     """Plot metrics against one config field (x), one line per value of another (group)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     x: str
     group: str | None = None
@@ -71,7 +71,7 @@ class GateSpec(BaseModel):
     """A regression gate after the report (the nightly suite): each run against the earlier runs of its arm
     in MLflow, with the rules of `alignlab gate --rules` (see ablations/gates/nightly_gate.yaml)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rules: str = Field(min_length=1, description="Gate rules YAML, relative to the spec file.")
     textfile: str | None = Field(None, description="Also write the gauges to this Prometheus textfile (*.prom).")
@@ -85,7 +85,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SynthStep(_Step):
@@ -224,7 +224,7 @@ STEP_MODELS: dict[str, type[_Step]] = {"synth": SynthStep, "import": ImportStep,
 class PrepareEntry(BaseModel):
     """One `prepare` entry: a mapping with exactly one key, the step kind."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     synth: SynthStep | None = None
     import_: ImportStep | None = Field(None, alias="import")
@@ -323,7 +323,7 @@ class PaperBlock(BaseModel):
 
 
 class AblationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""

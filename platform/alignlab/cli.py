@@ -4,9 +4,10 @@
   alignlab data import {coco,tsv,webdataset,jsonl}   import a dataset as webdataset shards
   alignlab data filter --data ROOT --out URI         CAT filtering, with DiHT Table A.3 statistics
   alignlab config show CONFIG [key=value ...]        print the resolved, validated config
-  alignlab train CONFIG [key=value ...] [--resume]   train one config (DDP under torchrun)
+  alignlab train CONFIG [key=value ...] [--resume [--allow-config-change]]
+                                                     train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
-  alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline]
+  alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline] [--verbose]
                                                      run an ablation end to end and print its report
   alignlab report SPEC.yaml                          rebuild an ablation's report from its runs
   alignlab gate --experiment nightly --today-run ID  regression gate of a nightly run against its history
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
 from alignlab.config import ConfigError
+from alignlab.console import TaskFailed
+from alignlab.data.skips import TooManyCorruptSamples
+from alignlab.training.errors import CheckpointError, DivergenceError
 
 
 def _cmd_data_synth(args) -> int:
@@ -54,15 +59,18 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / cfg.name.replace("/", "_") / f"seed-{cfg.seed}")
+    if args.allow_config_change and not args.resume:
+        raise ConfigError("--allow-config-change only goes with --resume (it lets a resumed run take new values)")
     if args.train_only:
         from alignlab.experiment import train_only
 
-        train_only(cfg, run_dir, resume=args.resume, mlflow_run_id=args.mlflow_run_id)
+        train_only(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change,
+                   mlflow_run_id=args.mlflow_run_id)
         return 0
     if args.mlflow_run_id:
         raise ConfigError("--mlflow-run-id only goes with --train-only (a pipeline's train step); a full "
                           "`alignlab train` creates its own MLflow run")
-    metrics = run_experiment(cfg, run_dir, resume=args.resume)
+    metrics = run_experiment(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     print(json.dumps({k: metrics[k] for k in sorted(metrics) if not k.startswith("best_step")}, indent=2))
     return 0
 
@@ -78,7 +86,7 @@ def _cmd_evaluate(args) -> int:
 
 def available_runners() -> dict:
     """`inline` (in this process) plus runners other packages register in the entry-point group
-    `alignlab.runners`: functions `(spec_path, overrides, *, resume) -> report folder`."""
+    `alignlab.runners`: functions `(spec_path, overrides, *, resume, verbose) -> report folder`."""
     from importlib.metadata import entry_points
 
     from alignlab.experiment import run_ablation
@@ -89,15 +97,14 @@ def available_runners() -> dict:
 def _cmd_run(args) -> int:
     from alignlab.ablation import load_spec
 
-    spec, _ = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
+    spec, plans = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any runner starts
     runners = available_runners()
     # Default: kfp's local runner (the cluster's pipeline definition) when installed, else inline.
     args.runner = args.runner or ("kfp-local" if "kfp-local" in runners else "inline")
     if args.runner not in runners:
         raise ConfigError(f"--runner {args.runner!r} is not available; choose one of {sorted(runners)}")
-    out = runners[args.runner](args.spec, args.overrides, resume=args.resume)
-    print(f"[alignlab] runs and report: {out}\n[alignlab] compare runs in MLflow: "
-          f"{sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    out = runners[args.runner](args.spec, args.overrides, resume=args.resume, verbose=args.verbose)
+    _print_next_steps(out, plans[0].config.tracking)
     if spec.gate is not None:  # the gate step rewrote gate.json in this run; its status is the exit status
         status = json.loads((Path(out) / "gate" / "gate.json").read_text())["status"]
         return 1 if status == "regression" else 0
@@ -106,11 +113,27 @@ def _cmd_run(args) -> int:
 
 def _cmd_report(args) -> int:
     from alignlab.ablation import load_spec
-    from alignlab.experiment import report_ablation
+    from alignlab.experiment import ablation_dir, report_ablation
 
     spec, plans = load_spec(args.spec, args.overrides)
     report_ablation(spec, plans)
+    _print_next_steps(ablation_dir(plans), plans[0].config.tracking)
     return 0
+
+
+def _print_next_steps(out_dir: Path, tracking) -> None:
+    """The report, the task logs, `mlflow ui` for the runs' store (`tracking`: a config's section) and the
+    results book."""
+    from alignlab.console import next_steps
+    from alignlab.tracking import resolve_tracking_uri
+
+    uri = None
+    if tracking.enabled:
+        uri = resolve_tracking_uri(tracking.tracking_uri)
+        uri = "sqlite:///mlflow.db" if uri == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}" else uri
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    mlflow_bin = "mlflow" if shutil.which("mlflow") == mlflow_bin else mlflow_bin  # on PATH: the short name
+    print("\n".join(next_steps(out_dir, uri, mlflow_bin=mlflow_bin)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     tr.add_argument("--run-dir", type=Path)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: continue with a config that differs from the checkpoint's (lr, schedule "
+                    "and loss from the new config from the resumed step on; recorded in config_history.jsonl)")
     tr.add_argument("--train-only", action="store_true",
                     help="train and write train_outcome.json, no evaluation (a pipeline step; evaluate runs later)")
     tr.add_argument("--mlflow-run-id", help="with --train-only: log into this open MLflow run instead of a new one")
@@ -162,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="keep finished runs, resume interrupted ones")
     run.add_argument("--runner", help="where the steps run: kfp-local (default: kfp's local runner, the cluster's "
                      "pipeline definition) or inline (this process, for debugging)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every task's output live (default: in runs/<ablation>/logs/, shown when it fails)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild an ablation report from its runs")
@@ -194,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DivergenceError, CheckpointError, TooManyCorruptSamples) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         return 2
+    except TaskFailed as err:  # its log's tail and path are already on the terminal
+        print(f"alignlab: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
 
 
@@ -22,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, but no setting is meaningful at infinity
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -34,6 +36,10 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.9, 1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Stop the run when more than this fraction "
+                                     "of the training samples is corrupt (skipped; skips.json names them).")
+    max_caption_bytes: int = Field(DEFAULT_MAX_CAPTION_BYTES, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
+                                   "as caption_too_long: a document or blob stored as a caption.")
 
     @field_validator("crop_scale")
     @classmethod
@@ -95,7 +101,7 @@ class ModelConfig(_Strict):
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     init_logit_scale: float = Field(1 / 0.07, gt=0)
-    max_logit_scale: float = Field(100.0, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0, le=1e38, description="Cap of the logit scale (<= float32's range).")
     grad_checkpointing: bool = False
 
     @model_validator(mode="before")
@@ -240,6 +246,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     threads: int | None = Field(None, ge=1, description="Compute threads per rank; null: this process's CPUs "
                                 "divided among the local ranks, less one per data-loader worker (at least 1).")
+    skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many optimizer steps whose loss or "
+                                      "gradient norm is NaN/inf (logged, counted), then stop; 0: stop at the first.")
     progress: bool = True
 
 

@@ -11,17 +11,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
+from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
 from alignlab.data.synth import generate_synthcaps
 from alignlab.data.writer import manifest_dataset_hash
 from alignlab.report import build_report, write_report
 from alignlab.report.curves import plot_metric_curves
 from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_history
 from alignlab.training import builders
+from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.distributed import barrier, init_distributed
+from alignlab.training.errors import CheckpointError
+from alignlab.training.resume import CONFIG_HISTORY_FILE
 from alignlab.training.trainer import train
 
 
@@ -71,7 +73,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run's final.pt or "
                                 f"checkpoints/step-*.pt; did the train step finish?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not an alignlab checkpoint (needs 'config' and 'model' entries)")
     tree = state["config"]
     if data_root:
         tree["data"]["root"], tree["data"]["synth"] = data_root, None
@@ -86,6 +90,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
 
 
 MLFLOW_RUN_FILE = "mlflow_run_id.txt"  # in each run folder: the id of the run's MLflow run
+TAG_FAILURE = "alignlab.failure"  # why a run ended FAILED / KILLED, one line
+TAG_CONFIG_CHANGED = "alignlab.config_changed"  # a resume continued with a changed config (what, from which step)
 
 
 def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *, ablation: str | None = None,
@@ -119,22 +125,35 @@ class TrainOutcome:
 
 
 def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | None = None, resume: bool = False,
-              dist=None) -> TrainOutcome:
+              allow_config_change: bool = False, dist=None) -> TrainOutcome:
     """Train one config into `run_dir` (config.yaml, metrics.jsonl, checkpoints, final.pt), log its per-step
     metrics and summaries; the MLflow run stays open for `finish_run`. Under torchrun every rank calls this;
-    only rank 0 writes and tracks."""
+    only rank 0 writes and tracks. A resume with a changed config (`allow_config_change`) is tagged
+    `alignlab.config_changed` in MLflow (the details are in the run folder's config_history.jsonl)."""
     run_dir = Path(run_dir)
     dist = dist or init_distributed()
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if dist.is_main and not resume:  # a fresh run: an earlier run's results must not pass for this one's
+        (run_dir / "results.json").unlink(missing_ok=True)
+
+    def tag_config_change(step: int, changes: list) -> None:
+        tracker.set_tags({TAG_CONFIG_CHANGED: f"step {step}: " + ", ".join(str(c) for c in changes)})
+        tracker.log_artifact(run_dir / CONFIG_HISTORY_FILE)
+
     tic = time.perf_counter()
-    result = train(cfg, run_dir, resume=resume, on_metrics=tracker.log_metrics if tracker else None, dist_info=dist)
+    result = train(cfg, run_dir, resume=resume, allow_config_change=allow_config_change,
+                   on_metrics=tracker.log_metrics if tracker else None,
+                   on_config_change=tag_config_change if tracker else None, dist_info=dist)
     metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
     metrics["train_seconds"] = time.perf_counter() - tic
+    skips = load_skip_report(run_dir)
+    if skips is not None:
+        metrics["data_skipped"] = skips["skipped"]
     if tracker:
         tracker.log_summary(metrics)
         tracker.log_artifact(run_dir / "config.yaml")
+        if skips is not None:
+            tracker.log_metrics(skip_metrics(skips), step=result.steps)
+            tracker.log_artifact(run_dir / SKIPS_FILE)
         if result.final_checkpoint:
             tracker.log_artifact(result.final_checkpoint, artifact_path="checkpoint")
     return TrainOutcome(result.steps, metrics, result.final_checkpoint, result.model)
@@ -168,28 +187,48 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
     return metrics
 
 
+def failure_reason(err: BaseException) -> str:
+    """One line for the `alignlab.failure` tag: the error type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:5000]
+
+
 def end_tracking_on_error(tracker: RunTracker | None, err: BaseException) -> None:
-    """End an open run KILLED (Ctrl-C) or FAILED; the caller re-raises."""
-    if tracker:
-        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+    """End an open run KILLED (Ctrl-C) or FAILED with the reason in the `alignlab.failure` tag (a reason an
+    earlier step already recorded, e.g. a training job's own, is kept); the caller re-raises."""
+    if not tracker:
+        return
+    try:
+        if TAG_FAILURE not in tracker.client.get_run(tracker.run_id).data.tags:
+            tracker.set_tags({TAG_FAILURE: failure_reason(err)})
+    except Exception as tag_error:  # noqa: BLE001 - the training error is the one to surface
+        print(f"[alignlab] could not tag the MLflow run with the failure reason: {tag_error}")
+    tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
 
 
 TRAIN_OUTCOME_FILE = "train_outcome.json"
 
 
-def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, allow_config_change: bool = False,
                mlflow_run_id: str | None = None) -> TrainOutcome | None:
     """A pipeline's train step, possibly as one of several torchrun ranks: prepare data, train, and on rank 0
     write `train_outcome.json` (steps, metrics, final checkpoint) for the evaluate step. With
     `mlflow_run_id` the metrics go to that open run (the step that launched this job created it), which
-    stays open; without it nothing is tracked here."""
+    stays open (on failure it gets the `alignlab.failure` tag; the launching step ends it); without it nothing
+    is tracked here."""
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:
         prepare_data(cfg)
     barrier()
     tracker = RunTracker.attach(cfg.tracking.tracking_uri, mlflow_run_id) if mlflow_run_id and dist.is_main else None
-    trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
+    try:
+        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, allow_config_change=allow_config_change,
+                            dist=dist)
+    except Exception as err:
+        if tracker:
+            tracker.set_tags({TAG_FAILURE: failure_reason(err)})
+        raise
     if not dist.is_main:
         return None
     outcome = {"steps": trained.steps, "metrics": trained.metrics,
@@ -209,7 +248,7 @@ def load_train_outcome(run_dir: Path) -> TrainOutcome:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None = None, arm: str | None = None,
-                   resume: bool = False, parent_run_id: str | None = None) -> dict:
+                   resume: bool = False, allow_config_change: bool = False, parent_run_id: str | None = None) -> dict:
     """Train, evaluate and track one config; returns the flat metrics written to `run_dir/results.json`.
 
     `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID) nests the MLflow run under a pipeline's run."""
@@ -223,7 +262,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
         tracker = start_run_tracking(cfg, run_dir, builders.resolve_data_root(cfg.data), ablation=ablation, arm=arm,
                                      world_size=dist.world_size, parent_run_id=parent_run_id)
     try:
-        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, dist=dist)
+        trained = train_run(cfg, run_dir, tracker=tracker, resume=resume, allow_config_change=allow_config_change,
+                            dist=dist)
         return finish_run(cfg, run_dir, trained, tracker=tracker) if dist.is_main else {}
     except BaseException as err:
         end_tracking_on_error(tracker, err)
@@ -231,28 +271,47 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
 
 
 def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
-                 print_fn=print) -> Path:
+                 verbose: bool = False, print_fn=print) -> Path:
     """Expand the spec, run the shared data step once per distinct dataset, the spec's `prepare` steps (in
-    order, each skipped when its output is complete), then every arm x seed."""
+    order, each skipped when its output is complete), then every arm x seed, the report and the gate.
+
+    Each of those is a task of `alignlab.console.TaskConsole`: one line per task, its output in
+    runs/<ablation>/logs/ (`verbose`: also live); a failed task raises TaskFailed."""
+    from alignlab.console import TaskConsole
     from alignlab.prepare import run_prepare
 
     spec, plans = load_spec(spec_path, overrides)
-    print_fn(f"[alignlab] ablation {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds "
-             f"= {len(plans)} runs")
-    for root in sorted({str(builders.resolve_data_root(p.config.data)) for p in plans}):
-        plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
-        print_fn(f"[alignlab] data: {root}")
-        prepare_data(plan.config)
-    run_prepare(spec, plans, print_fn=print_fn)
-    for i, plan in enumerate(plans, 1):
-        done = plan.run_dir / "results.json"
-        if resume and done.exists():
-            print_fn(f"[alignlab] ({i}/{len(plans)}) {plan.run_name}: already finished, kept")
-            continue
-        print_fn(f"[alignlab] ({i}/{len(plans)}) {plan.run_name} -> {plan.run_dir}")
-        run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
-    out_dir = report_ablation(spec, plans, print_fn=print_fn)
-    gate_ablation(spec, plans, print_fn=print_fn)
+    roots = sorted({str(builders.resolve_data_root(p.config.data)) for p in plans})
+    console = TaskConsole(ablation_dir(plans) / "logs", verbose=verbose)
+    print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "
+             f"runs, inline; task logs in {console.log_dir}/")
+    console.queued([f"data {Path(root).name}" for root in roots] + (["prepare"] if spec.prepare else [])
+                   + [f"run {plan.arm}/seed-{plan.seed}" for plan in plans] + ["report"]
+                   + (["gate"] if spec.gate is not None else []))
+    printed: list[str] = []
+    try:
+        for root in roots:
+            plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
+            with console.task(f"data {Path(root).name}"):
+                prepare_data(plan.config)
+        if spec.prepare:
+            with console.task("prepare"):
+                run_prepare(spec, plans)
+        for plan in plans:
+            label = f"run {plan.arm}/seed-{plan.seed}"
+            if resume and (plan.run_dir / "results.json").exists():
+                console.skipped(label, "already finished")
+                continue
+            with console.task(label):
+                run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
+        with console.task("report"):
+            out_dir = report_ablation(spec, plans, print_fn=printed.append)
+        if spec.gate is not None:
+            with console.task("gate"):
+                gate_ablation(spec, plans, print_fn=printed.append)
+    finally:
+        console.close()
+    print_fn("\n" + "\n".join(printed).rstrip())
     return out_dir
 
 
@@ -260,34 +319,36 @@ def ablation_dir(plans: list[RunPlan]) -> Path:
     return Path(plans[0].config.output_dir) / plans[0].ablation
 
 
-def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[str]]:
+def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[dict]]:
+    """(records of the runs with results.json, {"arm", "seed", "reason"} of the planned runs without one)."""
     records, missing = [], []
     for plan in plans:
         path = plan.run_dir / "results.json"
         if path.exists():
             records.append({"arm": plan.arm, "seed": plan.seed, "metrics": json.loads(path.read_text())})
         else:
-            missing.append(plan.run_name)
+            reason = "started but has no results.json (failed or interrupted)" if plan.run_dir.exists() else "not run"
+            missing.append({"arm": plan.arm, "seed": plan.seed, "reason": f"{reason}: {plan.run_dir}"})
     return records, missing
 
 
 def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print) -> Path:
+    """Write runs/<ablation>/report.{md,csv,json} from the run folders and print the headline table; runs
+    without results are listed in the report as missing. Holm's correction covers the spec's
+    `report_metrics` (the questions the spec asks), over every arm."""
     records, missing = collect_records(plans)
     out_dir = ablation_dir(plans)
-    if missing:
-        print_fn(f"[alignlab] {len(missing)} runs have no results yet and are not in the report: {', '.join(missing)}")
     if not records:
         raise FileNotFoundError(f"no finished runs under {out_dir}: run `alignlab run` first")
-    table = build_report(records, baseline=spec.baseline_arm)
+    table = build_report(records, baseline=spec.baseline_arm, family=spec.report_metrics, missing_runs=missing)
     write_report(table, out_dir, metrics=spec.report_metrics)
-    print_fn(table.to_markdown(metrics=spec.report_metrics))
+    print_fn(table.to_markdown(metrics=spec.report_metrics, details=False))
     if spec.report_plot is not None:
         plot = spec.report_plot
         points = {p.arm: (str(p.config_value(plot.group)) if plot.group else spec.name, float(p.config_value(plot.x)))
                   for p in plans if p.arm in table.arms}
         png = plot_metric_curves(table, points, plot.metrics, out_dir / "report_plot.png", x_label=plot.x)
-        print_fn(f"[alignlab] plot: {png}")
-    print_fn(f"\n[alignlab] report: {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
+        print_fn(f"plot: {png}")
     return out_dir
 
 

@@ -6,7 +6,17 @@ augmentation randomness (crop, flip, caption choice, caption sub-sequence) comes
 not depend on the number of DataLoader workers or of ranks. Ranks split each global batch into
 contiguous slices, so rank r of an R-rank run sees rows [r*b, (r+1)*b) of the 1-rank global batch
 (SPEC section 1: the distributed loss must match a single-process run on the same global batch).
+
+Corrupt samples (alignlab.data.skips) never change the batch size. Those the shard index finds are not
+in the index at all, so the order is the one the dataset without them gives. One that only fails when
+read (an image that does not decode, a caption that is not UTF-8) is replaced in its batch row by a
+substitute drawn from its aug seed, never a sample of the global batch (`RowBatch.batch_indices`), and
+recorded in the dataset's `skip_log`; every other row keeps its sample. The substitute is a pure function
+of (seed, epoch, index, global batch) and the data: resume stays exact, no rank waits for another, and
+an R-rank run still sees the rows of the 1-rank run.
 """
+
+import logging
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -14,9 +24,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from alignlab.data.coco import CocoCaptions
 from alignlab.data.jsonl import JsonlPairs
 from alignlab.data.shards import WebDatasetIndex
+from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES, CorruptSampleError
 from alignlab.data.tokenizers import pack_token_ids
 
+log = logging.getLogger(__name__)
+
 _MASK64 = (1 << 64) - 1
+MAX_SUBSTITUTES = 32  # corrupt draws in a row before a batch row gives up (the data is mostly corrupt)
 
 
 def _splitmix64(value: int) -> int:
@@ -53,30 +67,67 @@ class PairDataset(Dataset):
     JsonlPairs). A list of captions gets one picked per visit; a caption of None means the source stored
     token ids in `meta["tokens"]`, used as they are (cut keeping their last id, padded with pad_id).
     `tokenizer` is an alignlab tokenizer (called with `generator=` for the random sub-sequence);
-    `transform` is `(image, generator) -> tensor` from `build_image_transform`.
+    `transform` is `(image, generator) -> tensor` from `build_image_transform`. A sample the source
+    reports corrupt (CorruptSampleError) is substituted (module docstring) and its record appended to
+    `skip_log` (an alignlab.data.skips.SkipLog, set by the trainer; None: only logged). `name` is what
+    skip reports call the data (e.g. the shard spec).
     """
 
-    def __init__(self, source, tokenizer, transform):
+    def __init__(self, source, tokenizer, transform, name: str = "training data"):
         self.source = source
         self.tokenizer = tokenizer
         self.transform = transform
+        self.name = name
+        self.skip_log = None
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        index, aug_seed = item
-        return self._pair(index, aug_seed, *self.source.get(index))
+        return self.__getitems__([item])[0]
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """A whole batch (the DataLoader calls this when it exists): the raw samples come from the
         source's `get_many` when it has one (s3:// shards fetch them concurrently), then each pair is
-        built exactly as `__getitem__` builds it."""
+        built from its own aug seed, a corrupt sample's row from its substitute."""
+        indices = [index for index, _ in items]
         get_many = getattr(self.source, "get_many", None)
-        if get_many is None:
-            return [self[item] for item in items]
-        loaded = get_many([index for index, _ in items])
-        return [self._pair(index, aug_seed, *raw) for (index, aug_seed), raw in zip(items, loaded)]
+        loaded = get_many(indices, corrupt="return") if get_many else [self._load(i) for i in indices]
+        batch = getattr(items, "batch_indices", None) or frozenset(indices)
+        pairs = []
+        for (index, aug_seed), raw in zip(items, loaded):
+            if isinstance(raw, CorruptSampleError):
+                index, raw = self._substitute(index, aug_seed, raw, batch)
+            pairs.append(self._pair(index, aug_seed, *raw))
+        return pairs
+
+    def _load(self, index: int):
+        try:
+            return self.source.get(index)
+        except CorruptSampleError as err:
+            return err
+
+    def _substitute(self, index: int, aug_seed: int, error: CorruptSampleError, batch: frozenset) -> tuple[int, tuple]:
+        """(substitute index, its raw sample) for the corrupt sample `index`: the first of its draws outside
+        the global `batch` that reads. Two substitutes of one batch may coincide (chance ~1/len(self));
+        excluding the first pick would make the second depend on how ranks split the batch."""
+        self._record(error)
+        for attempt in range(1, MAX_SUBSTITUTES + 1):
+            candidate = _hash_seed(aug_seed, index, attempt) % len(self)
+            if candidate in batch:
+                continue
+            raw = self._load(candidate)
+            if not isinstance(raw, CorruptSampleError):
+                return candidate, raw
+            self._record(raw)
+        raise RuntimeError(f"sample {index} is corrupt ({error}) and none of its {MAX_SUBSTITUTES} substitute draws "
+                           "outside its batch could be read: most of the training data is corrupt (skips.json names "
+                           "the bad samples) or the dataset is hardly larger than the batch")
+
+    def _record(self, error: CorruptSampleError) -> None:
+        log.warning("corrupt training sample skipped (substituted): %s", error)
+        if self.skip_log is not None:
+            self.skip_log.append(error.record)
 
     def _pair(self, index: int, aug_seed: int, image, caption, meta) -> tuple[torch.Tensor, torch.Tensor, int]:
         generator = torch.Generator().manual_seed(aug_seed)
@@ -94,6 +145,16 @@ class PairDataset(Dataset):
         if isinstance(caption, (list, tuple)):
             caption = caption[int(torch.randint(len(caption), (1,), generator=generator))]
         return image_tensor, self.tokenizer([caption], generator=generator)[0], index
+
+
+class RowBatch(list):
+    """One rank's rows of a global batch, as (index, aug_seed), with `batch_indices`: the indices of the
+    whole global batch (every rank's rows), so that substitutes avoid all of them. Travels to DataLoader
+    workers as it is (a pickled list keeps its attributes)."""
+
+    def __init__(self, rows, batch_indices: frozenset):
+        super().__init__(rows)
+        self.batch_indices = batch_indices
 
 
 class ResumableBatchSampler(Sampler):
@@ -144,7 +205,8 @@ class ResumableBatchSampler(Sampler):
         for batch in range(self.start_batch, len(self)):
             global_batch = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             local = global_batch[self.rank * rows : (self.rank + 1) * rows]
-            yield [(index, sample_aug_seed(self.seed, self.epoch, index)) for index in local]
+            yield RowBatch([(index, sample_aug_seed(self.seed, self.epoch, index)) for index in local],
+                           frozenset(global_batch))
 
 
 def collate_pairs(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
@@ -181,13 +243,14 @@ def build_train_loader(
     return loader_for_sampler(dataset, sampler, num_workers, pin_memory)
 
 
-def open_train_source(format: str, path_or_spec, image_root=None, manifest=None):
+def open_train_source(format: str, path_or_spec, image_root=None, manifest=None,
+                      max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES):
     """Training source by format: "webdataset" (shard dir/glob/brace pattern/list, local or s3://),
     "coco" (captions JSON, images under `image_root`) or "jsonl" (one split file); the last two read
-    local files only. `manifest` (webdataset only): a manifest.json to check the shards against
-    (see alignlab.data.shards)."""
+    local files only. `manifest` and `max_caption_bytes` (webdataset only): a manifest.json to check the
+    shards against, and the caption length past which a sample is skipped (see alignlab.data.shards)."""
     if format == "webdataset":
-        return WebDatasetIndex(path_or_spec, manifest=manifest)
+        return WebDatasetIndex(path_or_spec, manifest=manifest, max_caption_bytes=max_caption_bytes)
     remote = [str(p) for p in (path_or_spec if isinstance(path_or_spec, (list, tuple)) else [path_or_spec])
               if str(p).startswith("s3://")]
     if remote:

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,9 +42,10 @@ EMPTY_CAPTION = "empty_caption"
 NON_UTF8_CAPTION = "non_utf8_caption"
 DUPLICATE_KEY = "duplicate_key"
 MALFORMED_RECORD = "malformed_record"  # a TSV row / JSON record / tar member that is not a usable item
-UNREADABLE_SHARD = "unreadable_shard"  # a source tar that cannot be read (to its end)
+UNREADABLE_SHARD = "unreadable_shard"  # a source file that is not a tar at all
+TRUNCATED_SHARD = "truncated_shard"  # a source tar that ends early: the sample it cut, and the shard itself
 REASONS = (MISSING_FILE, UNDECODABLE_IMAGE, EMPTY_CAPTION, NON_UTF8_CAPTION, DUPLICATE_KEY, MALFORMED_RECORD,
-           UNREADABLE_SHARD)
+           UNREADABLE_SHARD, TRUNCATED_SHARD)
 
 SOURCE_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
@@ -399,45 +399,38 @@ def webdataset_candidates(shards: Iterable[str]) -> Iterator[Candidate]:
 
     Every sample is validated like any other source: it needs one image member (png/jpg/jpeg/webp/...)
     and a `.txt` caption; its `.json`, if any, must be a JSON object and is kept as the metadata (plus
-    `source_key` and `source_shard`). A shard that cannot be read to its end is recorded as
-    `unreadable_shard` (the samples read before the error are kept).
+    `source_key` and `source_shard`). Samples are grouped by `alignlab.data.tar_samples`, the grouper
+    training uses. A shard that ends early (cut mid-file, or between members without its end-of-archive
+    marker) keeps the samples before the cut and records `truncated_shard` twice: for the sample the
+    cut went through, if any, and for the shard (where it stops, how many samples were read); a file
+    that is not a tar at all is `unreadable_shard`.
     """
+    from alignlab.data.tar_samples import TarWalk, iter_tar_samples
     from alignlab.storage import open_read
 
     for uri in expand_shard_uris(shards):
-        group_key, members, problems = None, {}, []
-        count = 0
+        count, last, lost = 0, None, None
         try:
-            with open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
+            with open_read(uri) as stream:
+                walk = TarWalk(stream, uri, read_data=True)
+                for sample in iter_tar_samples(walk):
+                    members = {ext: member.data for ext, member in sample.members.items()}
+                    has_image = any(ext in members for ext in SOURCE_IMAGE_EXTENSIONS)
+                    if sample.cut is not None and (sample.cut.member is not None or "txt" not in members or not has_image):
+                        lost = sample.key
+                        found = ", ".join(f".{ext}" for ext in members) or "none"
+                        yield Candidate(f"{uri}: {lost}", problem=(TRUNCATED_SHARD, f"the shard ends inside this sample "
+                                                                                    f"(members read: {found})"))
                         continue
-                    directory, _, basename = info.name.rpartition("/")
-                    stem, dot, extension = basename.partition(".")
-                    if stem.startswith("__") and stem.endswith("__"):
-                        continue  # webdataset's own metadata members (__meta__ and the like), not samples
-                    key = f"{directory}/{stem}" if directory else stem
-                    if key != group_key and group_key is not None:
-                        count += 1
-                        yield _shard_candidate(uri, group_key, members, problems)
-                        members, problems = {}, []
-                    group_key = key
-                    data = tar.extractfile(info).read()
-                    extension = extension.lower()
-                    if not dot or not stem:
-                        problems.append(f"member {info.name!r} has no extension")
-                    elif extension in members:
-                        problems.append(f"two '.{extension}' members")
-                    else:
-                        members[extension] = data
-            if group_key is not None:
-                count += 1
-                yield _shard_candidate(uri, group_key, members, problems)
-        except (tarfile.TarError, EOFError, OSError) as err:
-            if group_key is not None:
-                yield Candidate(f"{uri}: {group_key}", problem=(UNREADABLE_SHARD, "shard ended inside this sample"))
-            yield Candidate(uri, problem=(UNREADABLE_SHARD, f"read stopped after {count} sample(s): "
-                                                            f"{type(err).__name__}: {err}"))
+                    count, last = count + 1, sample.key
+                    yield _shard_candidate(uri, sample.key, members, sample.problems)
+        except (ValueError, OSError) as err:
+            yield Candidate(uri, problem=(UNREADABLE_SHARD, f"read stopped after {count} sample(s): {err}"))
+            continue
+        if walk.cut is not None:
+            cut = f"sample {lost} cut" if lost else "no sample cut"
+            yield Candidate(uri, problem=(TRUNCATED_SHARD, f"{walk.cut.detail}: {count} complete sample(s) read "
+                                                           f"(last: {last}), {cut}, any later samples lost"))
 
 
 def _shard_candidate(uri: str, key: str, members: dict, problems: list[str]) -> Candidate:

@@ -6,8 +6,11 @@ webdataset convention: the member name up to the first dot of its basename (dire
 a sample is a run of consecutive members with the same key.
 
 Training addresses samples by index (ResumableBatchSampler), so `WebDatasetIndex` scans the tar
-headers once, keeps member offsets in memory and reads a sample by seeking to them. Samples without
-an image or a caption are counted and logged, never silently dropped.
+headers once, keeps member offsets in memory and reads a sample by seeking to them. Corrupt samples
+(no image or caption, zero bytes, a caption too long, a shard cut short, ...; see alignlab.data.skips)
+are left out of the index, counted and named in `skipped`; a shard that ends early keeps the samples
+before the cut and is listed in `truncated_shards`. What only the bytes show (an image PIL cannot
+decode, a caption that is not UTF-8) raises CorruptSampleError when the sample is read.
 
 Shards in S3 (`s3://bucket/prefix/train`, a brace pattern or a glob of s3:// URIs) are never
 downloaded whole. Building the index costs one HEAD per shard (size and ETag), then either one GET of
@@ -23,25 +26,26 @@ Integrity with a manifest (`manifest=`, SynthCaps' manifest.json with `files: {r
 hashing every shard would cost a full read of the dataset before the first step, so the index only
 does the cheap checks: every shard the manifest lists in a folder the spec names must exist
 (FileNotFoundError naming the URI), shards the manifest does not list are counted in
-`unlisted_shards` and logged, each object's size bounds the header walk (a truncated shard fails the
-walk), a sidecar index is used only if its recorded size and ETag match the object, and every read
-checks it got the bytes it asked for. For the full sha256 check run
+`unlisted_shards` and logged, each object's size bounds the header walk (a truncated shard is found
+as on local disk), a sidecar index is used only if its recorded size and ETag match the object, and
+every read checks it got the bytes it asked for. For the full sha256 check run
 `alignlab.storage.verify_manifest(root, name="manifest.json")` once, e.g. after uploading.
 """
 
 import fnmatch
 import glob
-import io
 import json
 import logging
 import os
-import re
-import tarfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from alignlab import storage
+from alignlab.data.sample_checks import (IMAGE_EXTENSIONS, decode_caption, decode_image, decode_metadata,
+                                         header_problem)
+from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES, CorruptSampleError
+from alignlab.data.tar_samples import TarCut, TarMember, TarSample, TarWalk, iter_tar_samples
 from alignlab.storage.base import S3_SCHEME, ObjectInfo, split_s3_uri
 from alignlab.storage.ranged import DEFAULT_READAHEAD, MIN_READAHEAD, RangedReader
 
@@ -52,9 +56,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _MEMBERS = ("image", "txt", "json")
-_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips members named like __meta__
 _GLOB_CHARS = "*?["
 SIDECAR_SUFFIX = ".index.json"  # shard-000000.tar -> shard-000000.tar.index.json
 SIDECAR_FORMAT = "alignlab.tar-index"
@@ -145,58 +147,15 @@ def _list_tars_below(folder: str) -> list[str]:
     return [store.uri(key) for key in store.list() if key.endswith(".tar")]
 
 
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member, webdataset style: `a/b.seg.png` -> (`a/b`, `seg.png`)."""
-    directory, _, basename = name.rpartition("/")
-    stem, dot, extension = basename.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{directory}/{stem}" if directory else stem), extension.lower()
-
-
-def _scan_shard(path: str, fileobj=None) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {extension: (data offset, size)}) per sample of one tar, reading headers only; `fileobj`
-    (a seekable file such as a RangedReader) replaces opening `path`, which errors then name."""
-    try:
-        # "r:" refuses compressed tars: their members cannot be reached by seeking.
-        tar = tarfile.open(path, "r:") if fileobj is None else tarfile.open(fileobj=fileobj, mode="r:")
-    except tarfile.ReadError as err:
-        raise ValueError(
-            f"{path} is not an uncompressed tar ({err}); random access needs plain .tar shards "
-            "(re-pack without compression, or stream it with iter_webdataset)"
-        ) from None
-    with tar:
-        key, members = None, {}
-        for info in _members_of(tar, path):
-            parts = split_member_name(info.name) if info.isreg() else None
-            if parts is None or _META_MEMBER.match(info.name):
-                continue
-            if parts[0] != key:
-                if members:
-                    yield key, members
-                key, members = parts[0], {}
-            if parts[1] in members:
-                raise ValueError(f"{path}: duplicate member {info.name!r} (two '{parts[1]}' files for key {key!r})")
-            members[parts[1]] = (info.offset_data, info.size)
-        if fileobj is not None:
-            _check_end_marker(fileobj, tar.offset, path)
-        if members:
-            yield key, members
-
-
-def _members_of(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
-    try:
-        yield from tar
-    except tarfile.ReadError as err:
-        raise ValueError(f"{path} is truncated or corrupt ({err}); re-upload it") from None
-
-
-def _check_end_marker(fileobj, offset: int, path: str) -> None:
-    """tarfile takes a short or missing header for the end of the archive, so an object cut at a member
-    boundary would silently lose its last samples: require the zero block that ends every tar there."""
-    fileobj.seek(offset)
-    if fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
-        raise ValueError(f"{path} has no end-of-archive marker at byte {offset} (truncated upload?); re-upload it")
+def _scan_shard(path: str, fileobj=None) -> tuple[list[TarSample], TarCut | None]:
+    """The samples of one tar from its headers, and where it ends early (None when intact). `fileobj`
+    (a seekable file with a `size`, such as a RangedReader) replaces opening `path`, which errors name."""
+    if fileobj is not None:
+        walk = TarWalk(fileobj, path, size=fileobj.size)
+        return list(iter_tar_samples(walk)), walk.cut
+    with open(path, "rb") as handle:
+        walk = TarWalk(handle, path, size=os.fstat(handle.fileno()).st_size)
+        return list(iter_tar_samples(walk)), walk.cut
 
 
 class WebDatasetIndex:
@@ -206,7 +165,10 @@ class WebDatasetIndex:
     (when present)}, the same dict `iter_webdataset` yields for that sample. `get(i)` -> (RGB PIL
     image, caption, metadata) for PairDataset. Files are opened lazily per process (so DataLoader
     workers never share a file position after fork), at most `max_open_files` at a time.
-    Incomplete samples are left out of the index; `num_incomplete` and `incomplete_keys` report them.
+    Samples whose headers show them corrupt (`sample_checks.header_problem`; captions over
+    `max_caption_bytes` included) are left out of the index and listed in `skipped` as {"shard", "key",
+    "reason", "detail"}; shards that end early are listed in `truncated_shards`. Reading a sample whose
+    bytes are corrupt raises CorruptSampleError (alignlab.data.skips).
 
     `shard_paths` may name s3:// shards (see the module docstring): `readahead` is the largest
     ranged GET of the header walk, `manifest` the URI or path of a SynthCaps-style manifest.json to
@@ -217,7 +179,8 @@ class WebDatasetIndex:
     """
 
     def __init__(self, shard_paths, max_open_files: int = 64, readahead: int = DEFAULT_READAHEAD,
-                 manifest: str | os.PathLike | None = None, fetch_threads: int = 8):
+                 manifest: str | os.PathLike | None = None, fetch_threads: int = 8,
+                 max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES):
         if readahead < MIN_READAHEAD:
             raise ValueError(f"readahead={readahead} is too small: one GET must cover tarfile's 1-byte probe and "
                              f"the 512-byte header after it; use >= {MIN_READAHEAD}")
@@ -232,32 +195,44 @@ class WebDatasetIndex:
         self.num_sidecars, self.stale_sidecars = 0, []
         self.unlisted_shards = self._check_manifest(manifest, listed_folders) if manifest is not None else []
         keys, shard_ids, offsets, sizes, image_exts = [], [], [], [], []
-        self.incomplete_keys: list[str] = []
+        self.skipped: list[dict] = []
+        self.truncated_shards: list[dict] = []
         for shard_id, (path, info) in enumerate(found):
-            scanned = _scan_shard(path) if info is None else self._scan_remote(shard_id, info, readahead)
-            for key, members in scanned:
-                image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-                if image_ext is None or "txt" not in members:
-                    self.incomplete_keys.append(f"{path}:{key}")
+            samples, cut = _scan_shard(path) if info is None else self._scan_remote(shard_id, info, readahead)
+            kept = len(keys)
+            for sample in samples:
+                problem = header_problem(sample, max_caption_bytes)
+                if problem is not None:
+                    self.skipped.append({"shard": path, "key": sample.key, "reason": problem[0], "detail": problem[1]})
                     continue
-                located = [members[image_ext], members["txt"], members.get("json", (-1, 0))]
-                keys.append(key.encode("utf-8"))
+                image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in sample.members)
+                located = [sample.members[image_ext], sample.members["txt"], sample.members.get("json")]
+                keys.append(sample.key.encode("utf-8"))
                 shard_ids.append(shard_id)
-                offsets.append([offset for offset, _ in located])
-                sizes.append([size for _, size in located])
+                offsets.append([-1 if member is None else member.offset for member in located])
+                sizes.append([0 if member is None else member.size for member in located])
                 image_exts.append(IMAGE_EXTENSIONS.index(image_ext))
+            if cut is not None:
+                self.truncated_shards.append(_truncation_record(path, cut, keys[kept:]))
         # numpy arrays instead of per-sample Python objects: compact, and fork-friendly for workers.
         self._keys = np.array(keys, dtype=bytes)
         self._shard_ids = np.array(shard_ids, dtype=np.int32)
         self._offsets = np.array(offsets, dtype=np.int64).reshape(-1, len(_MEMBERS))
         self._sizes = np.array(sizes, dtype=np.int64).reshape(-1, len(_MEMBERS))
         self._image_exts = np.array(image_exts, dtype=np.int8)
-        self.num_incomplete = len(self.incomplete_keys)
-        if self.num_incomplete:
-            log.warning(
-                "%d incomplete sample(s) (no image or no caption) left out of %d shard(s), first: %s",
-                self.num_incomplete, len(self.shard_paths), self.incomplete_keys[0],
-            )
+        self._log_skipped()
+
+    def _log_skipped(self) -> None:
+        for record in self.truncated_shards:
+            log.warning("%s ends early: %s; kept its %d complete sample(s) before the cut (last: %s), the rest of "
+                        "the shard is lost; re-write or re-upload it", record["shard"], record["detail"],
+                        record["samples_kept"], record["last_kept"])
+        if self.skipped:
+            counts = Counter(record["reason"] for record in self.skipped)
+            first = self.skipped[0]
+            log.warning("%d corrupt sample(s) left out of %d shard(s): %s; first: %s:%s (%s)", len(self.skipped),
+                        len(self.shard_paths), ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())),
+                        first["shard"], first["key"], first["detail"])
 
     # ---- s3:// shards ----------------------------------------------------------------------------
 
@@ -297,16 +272,16 @@ class WebDatasetIndex:
         bucket, key = split_s3_uri(self.shard_paths[shard_id])
         return self._store(bucket).read_range(key, start, length, if_match=self._etags[shard_id] or None)
 
-    def _scan_remote(self, shard_id: int, info: ObjectInfo, readahead: int):
+    def _scan_remote(self, shard_id: int, info: ObjectInfo, readahead: int) -> tuple[list[TarSample], TarCut | None]:
         uri = self.shard_paths[shard_id]
-        members = _read_sidecar(uri, info)
-        if members == "stale":
+        samples = _read_sidecar(uri, info)
+        if samples == "stale":
             self.stale_sidecars.append(uri + SIDECAR_SUFFIX)
             log.warning("sidecar index %s%s does not match the shard's size/ETag (shard re-written?): ignored, "
                         "walking the tar headers instead; rewrite it with write_shard_index", uri, SIDECAR_SUFFIX)
-        elif members is not None:
+        elif samples is not None:
             self.num_sidecars += 1
-            return members
+            return samples, None  # written for an intact shard (write_shard_index refuses a truncated one)
         reader = RangedReader(lambda start, length: self._read_range(shard_id, start, length), info.size, uri,
                               readahead)
         return _scan_shard(uri, fileobj=reader)
@@ -347,44 +322,56 @@ class WebDatasetIndex:
         return data
 
     def __getitem__(self, index: int) -> dict:
+        """The raw sample; a caption that is not UTF-8 or only whitespace, or metadata that is not a JSON
+        object, raises CorruptSampleError."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         shard_id = int(self._shard_ids[index])
-        sample = {"__key__": self._keys[index].decode("utf-8"), "__url__": self.shard_paths[shard_id]}
+        shard, key = self.shard_paths[shard_id], self._keys[index].decode("utf-8")
         if self._etags[shard_id] is None:  # local file: pread from a cached descriptor
             fd = self._fd(shard_id)
-            sample[IMAGE_EXTENSIONS[self._image_exts[index]]] = self._read(fd, index, 0)
-            sample["txt"] = self._read(fd, index, 1).decode("utf-8")
-            if self._offsets[index, 2] >= 0:
-                sample["json"] = json.loads(self._read(fd, index, 2))
-            return sample
-        image, caption, meta = self._read_remote(index, shard_id)
-        sample[IMAGE_EXTENSIONS[self._image_exts[index]]] = image
-        sample["txt"] = caption.decode("utf-8")
+            image, caption = self._read(fd, index, 0), self._read(fd, index, 1)
+            meta = self._read(fd, index, 2) if self._offsets[index, 2] >= 0 else None
+        else:
+            image, caption, meta = self._read_remote(index, shard_id)
+        sample = {"__key__": key, "__url__": shard, IMAGE_EXTENSIONS[self._image_exts[index]]: image,
+                  "txt": decode_caption(caption, shard, key, index)}
         if meta is not None:
-            sample["json"] = json.loads(meta)
+            sample["json"] = decode_metadata(meta, shard, key, index)
         return sample
 
     def get(self, index: int) -> tuple[Image.Image, str, dict]:
-        """(RGB image, caption, metadata) where metadata is the sample's JSON plus __key__ and __url__."""
+        """(RGB image, caption, metadata) where metadata is the sample's JSON plus __key__ and __url__;
+        CorruptSampleError when the image does not decode (or as `index[i]`)."""
         sample = self[index]
         image_ext = IMAGE_EXTENSIONS[self._image_exts[index]]
-        image = Image.open(io.BytesIO(sample[image_ext])).convert("RGB")
+        image = decode_image(sample[image_ext], sample["__url__"], sample["__key__"], index)
         meta = {**sample.get("json", {}), "__key__": sample["__key__"], "__url__": sample["__url__"]}
         return image, sample["txt"], meta
 
-    def get_many(self, indices) -> list[tuple[Image.Image, str, dict]]:
+    def _get_or_error(self, index: int):
+        try:
+            return self.get(index)
+        except CorruptSampleError as err:
+            return err
+
+    def get_many(self, indices, corrupt: str = "raise") -> list:
         """`[get(i) for i in indices]`, in that order; the GETs of s3:// samples run concurrently (they
-        are latency-bound: one sample at a time leaves the connection idle most of the time)."""
+        are latency-bound: one sample at a time leaves the connection idle most of the time).
+        `corrupt="return"` puts a corrupt sample's CorruptSampleError in its place instead of raising it
+        (read errors, such as S3 failing after its retries, always raise)."""
+        if corrupt not in ("raise", "return"):
+            raise ValueError(f"corrupt must be 'raise' or 'return', got {corrupt!r}")
+        get = self.get if corrupt == "raise" else self._get_or_error
         indices = [int(i) for i in indices]
         remote = [i for i in indices if 0 <= i < len(self) and self._etags[int(self._shard_ids[i])] is not None]
         if len(remote) < 2 or self.fetch_threads < 2:
-            return [self.get(i) for i in indices]
+            return [get(i) for i in indices]
         for shard_id in {int(self._shard_ids[i]) for i in remote}:  # open stores here, not racing in threads
             self._store(split_s3_uri(self.shard_paths[shard_id])[0])
         if self._pool is None:  # per process: _store() drops a pool inherited through fork
             self._pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="alignlab-s3-read")
-        return list(self._pool.map(self.get, indices))
+        return list(self._pool.map(get, indices))
 
     def close(self) -> None:
         """Close this process's open shard files (and its S3 fetch threads)."""
@@ -403,12 +390,18 @@ class WebDatasetIndex:
                 "_pool": None}
 
 
-def _shard_members(scanned) -> list:
-    return [[key, {ext: list(located) for ext, located in members.items()}] for key, members in scanned]
+def _truncation_record(shard: str, cut: TarCut, kept_keys: list[bytes]) -> dict:
+    return {"shard": shard, "at_byte": cut.offset, "detail": cut.detail, "samples_kept": len(kept_keys),
+            "last_kept": kept_keys[-1].decode("utf-8") if kept_keys else None}
+
+
+def _sidecar_samples(samples: list[TarSample]) -> list:
+    return [[sample.key, {ext: [member.offset, member.size] for ext, member in sample.members.items()}]
+            + ([sample.problems] if sample.problems else []) for sample in samples]
 
 
 def _read_sidecar(uri: str, info: ObjectInfo):
-    """The members recorded in `<uri>.index.json`; None when there is none, "stale" when it was
+    """The samples recorded in `<uri>.index.json`; None when there is none, "stale" when it was
     written for another version of the shard (size or ETag differ)."""
     sidecar = uri + SIDECAR_SUFFIX
     try:
@@ -424,22 +417,25 @@ def _read_sidecar(uri: str, info: ObjectInfo):
     if body.get("size") != info.size or (body.get("etag") or "") != (info.etag or ""):
         return "stale"
     try:
-        members = [(key, {ext: (int(offset), int(size)) for ext, (offset, size) in located.items()})
-                   for key, located in body["samples"]]
-    except (KeyError, TypeError, ValueError) as err:
+        samples = [TarSample(entry[0], {ext: TarMember(f"{entry[0]}.{ext}", int(offset), int(size))
+                                        for ext, (offset, size) in entry[1].items()},
+                             [str(problem) for problem in entry[2]] if len(entry) > 2 else [])
+                   for entry in body["samples"]]
+    except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"{sidecar}: malformed 'samples' ({err!r}); rewrite it with write_shard_index") from None
-    beyond = [key for key, located in members if any(o < 0 or o + n > info.size for o, n in located.values())]
+    beyond = [s.key for s in samples if any(m.offset < 0 or m.offset + m.size > info.size for m in s.members.values())]
     if beyond:
         raise ValueError(f"{sidecar}: member offsets of {beyond[0]!r} lie outside the {info.size}-byte shard; "
                          "rewrite it with write_shard_index")
-    return members
+    return samples
 
 
 def write_shard_index(shard: str | os.PathLike, readahead: int = DEFAULT_READAHEAD) -> str:
     """Walk the headers of one shard (local path or s3:// URI) and write its sidecar index
     `<shard>.index.json` next to it: {"format", "version", "size", "etag", "samples": [[key, {ext:
-    [offset, size]}]]}. WebDatasetIndex then builds its index of an s3:// shard from one GET of the
-    sidecar instead of the header walk, as long as size and ETag still match. Returns the sidecar's URI."""
+    [offset, size]}, (problems, if any)]]}. WebDatasetIndex then builds its index of an s3:// shard from
+    one GET of the sidecar instead of the header walk, as long as size and ETag still match. A shard that
+    ends early is refused (re-upload it first). Returns the sidecar's URI."""
     shard = os.fspath(shard)
     info = storage.stat(shard)
     if is_remote(shard):
@@ -447,35 +443,45 @@ def write_shard_index(shard: str | os.PathLike, readahead: int = DEFAULT_READAHE
         store = storage.open_store(S3_SCHEME + bucket)
         reader = RangedReader(lambda start, length: store.read_range(key, start, length, if_match=info.etag),
                               info.size, shard, readahead)
-        members = _shard_members(_scan_shard(shard, fileobj=reader))
+        samples, cut = _scan_shard(shard, fileobj=reader)
     else:
-        members = _shard_members(_scan_shard(shard))
+        samples, cut = _scan_shard(shard)
+    if cut is not None:
+        raise ValueError(f"{shard} ends early ({cut.detail}); re-write or re-upload it before indexing it")
     body = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "size": info.size, "etag": info.etag,
-            "samples": members}
+            "samples": _sidecar_samples(samples)}
     storage.write_bytes(shard + SIDECAR_SUFFIX, json.dumps(body, separators=(",", ":")).encode())
     return shard + SIDECAR_SUFFIX
 
 
-def iter_webdataset(urls, incomplete: list[str] | None = None) -> Iterator[dict]:
-    """Stream samples with the `webdataset` library (local paths, `pipe:` or object-storage URLs).
+def iter_webdataset(urls, skipped: list[dict] | None = None,
+                    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES) -> Iterator[dict]:
+    """Stream samples of webdataset shards, each read once (local paths, or any URL `webdataset.gopen`
+    opens: `pipe:`, object storage; `urls` is a brace pattern or a list).
 
-    Yields the dicts `WebDatasetIndex[i]` returns, in shard order. Incomplete samples (no image or no
-    caption) are skipped, logged, and their "url:key" appended to `incomplete` if a list is passed.
-    Single node only: webdataset refuses to run inside a multi-rank process group without a node splitter.
-    """
-    num_incomplete = 0
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if image_ext is None or "txt" not in raw:
-            num_incomplete += 1
-            log.debug("incomplete sample %s:%s", raw["__url__"], raw["__key__"])
-            if incomplete is not None:
-                incomplete.append(f"{raw['__url__']}:{raw['__key__']}")
-            continue
-        sample = {"__key__": raw["__key__"], "__url__": raw["__url__"], image_ext: raw[image_ext]}
-        sample["txt"] = raw["txt"].decode("utf-8")
-        if "json" in raw:
-            sample["json"] = json.loads(raw["json"])
-        yield sample
-    if num_incomplete:
-        log.warning("%d incomplete sample(s) (no image or no caption) skipped while streaming", num_incomplete)
+    Yields the dicts `WebDatasetIndex[i]` returns, in shard order, and skips the same corrupt samples
+    (same grouping, same checks, same records, appended to `skipped` if a list is passed; a shard that
+    ends early yields the samples before the cut). Images are not decoded here, as in `index[i]`."""
+    skipped = [] if skipped is None else skipped
+    for url in [url for spec in ([urls] if isinstance(urls, str) else urls) for url in braceexpand(os.fspath(spec))]:
+        with wds.gopen(url) as stream:
+            walk = TarWalk(stream, url, read_data=True)
+            for sample in iter_tar_samples(walk):
+                try:
+                    yield _streamed_sample(url, sample, max_caption_bytes)
+                except CorruptSampleError as err:
+                    skipped.append(err.record)
+            if walk.cut is not None:
+                log.warning("%s ends early: %s; the rest of the shard is lost", url, walk.cut.detail)
+
+
+def _streamed_sample(url: str, sample: TarSample, max_caption_bytes: int) -> dict:
+    problem = header_problem(sample, max_caption_bytes)
+    if problem is not None:
+        raise CorruptSampleError(problem[0], url, sample.key, problem[1])
+    image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in sample.members)
+    result = {"__key__": sample.key, "__url__": url, image_ext: sample.members[image_ext].data,
+              "txt": decode_caption(sample.members["txt"].data, url, sample.key)}
+    if "json" in sample.members:
+        result["json"] = decode_metadata(sample.members["json"].data, url, sample.key)
+    return result

@@ -6,9 +6,8 @@ from alignlab.report.aggregate import (
     build_report,
     fetch_ablation_runs,
     records_from_mlflow,
-    welch_ci95_halfwidth,
     write_report,
 )
 
 __all__ = ["CSV_COLUMNS", "ReportTable", "build_report", "fetch_ablation_runs", "records_from_mlflow",
-           "welch_ci95_halfwidth", "write_report"]
+           "write_report"]

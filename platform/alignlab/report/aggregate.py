@@ -1,10 +1,13 @@
-"""Ablation report: per-arm mean ± sample std over seeds and the difference of means to a baseline arm.
+"""Ablation report: per arm x metric statistics over seeds and the comparison of every arm with a baseline arm.
 
-Statistics per (arm, metric), over the seeds that logged the metric (n; a missing value is never filled):
-mean, sample std with ddof=1 (undefined for n < 2: NaN, shown "n/a"), delta = mean(arm) - mean(baseline),
-and the Welch 95 % CI half-width of that delta, t_{0.975, nu} * sqrt(s_a^2/n_a + s_b^2/n_b) with
-Welch-Satterthwaite nu, when both arms have n >= 2. A NaN value (e.g. a diverged loss) is a value, not a
-missing one, so it shows up as a NaN mean instead of vanishing.
+Per (arm, metric), over the seeds that logged the metric (n; a missing value is never filled, and the
+seeds it lacks are listed): mean, sample std (ddof=1), the t-based 95 % CI of the mean. Per arm against the
+baseline (`alignlab.report.stats.compare`): delta, its 95 % CI, the test (paired t when both arms have the
+metric for the same seeds, Welch's t otherwise), p, the sign-flip permutation p of a paired test, Welch's p
+and an effect size; p_holm adjusts p over every arm x metric of the Holm family (the headline metrics, by
+default all). A delta is `significant` when p_holm < alpha; an arm with fewer than 3 finished seeds is
+preliminary. A NaN value (e.g. a diverged loss) is a value, not a missing one: it shows up as a NaN mean
+and no test instead of vanishing.
 """
 
 import csv
@@ -13,30 +16,26 @@ import math
 import numbers
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-CSV_COLUMNS = ("arm", "metric", "mean", "std", "n", "delta", "ci95", "baseline")
+from alignlab.report.stats import compare, holm, mean_ci
 
-
-def welch_ci95_halfwidth(a: Sequence[float], b: Sequence[float]) -> float:
-    """Half-width of the Welch 95 % CI of mean(a) - mean(b) over two samples; NaN unless both have >= 2 values."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    if va + vb == 0:
-        return 0.0  # no spread in either arm: the difference is exact
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return float(stats.t.ppf(0.975, dof) * math.sqrt(va + vb))
+ALPHA = 0.05
+MIN_SEEDS = 3  # fewer finished seeds than this: the arm (and its report) is preliminary
+CSV_COLUMNS = ("arm", "metric", "mean", "std", "n", "seeds", "missing_seeds", "mean_ci_low", "mean_ci_high",
+               "delta", "ci_low", "ci_high", "test", "paired", "n_baseline", "p", "p_holm", "p_perm", "p_welch",
+               "effect_size", "effect_size_kind", "significant", "preliminary", "baseline")
 
 
 @dataclass(frozen=True)
 class ReportTable:
-    """Tidy cells (one per arm x metric) plus the arm order, run counts and runs left out."""
+    """Tidy cells (one per arm x metric, fields as in CSV_COLUMNS) plus the arm order, finished runs per arm,
+    runs left out upstream (`skipped_runs`), planned runs without results (`missing_runs`) and the Holm
+    family (the metrics whose p-values were adjusted together)."""
 
     baseline: str
     arms: list[str]
@@ -44,6 +43,9 @@ class ReportTable:
     runs_per_arm: dict[str, int]
     cells: list[dict]
     skipped_runs: list[dict] = field(default_factory=list)
+    missing_runs: list[dict] = field(default_factory=list)
+    family: list[str] = field(default_factory=list)
+    alpha: float = ALPHA
 
     def cell(self, arm: str, metric: str) -> dict:
         for row in self.cells:
@@ -51,69 +53,53 @@ class ReportTable:
                 return row
         raise KeyError(f"no cell for arm {arm!r} and metric {metric!r}")
 
-    def to_markdown(self, metrics: list[str] | None = None) -> str:
-        """One row per arm; `metrics` picks the headline columns (all when None, in table order)."""
-        shown = list(self.metrics if metrics is None else metrics)
-        unknown = [m for m in shown if m not in self.metrics]
-        if unknown:
-            raise ValueError(f"metrics {unknown} are not in the report; available: {self.metrics}")
-        lines = ["| arm | runs | " + " | ".join(_escape(m) for m in shown) + " |",
-                 "|---|---:|" + "---|" * len(shown)]
-        for arm in self.arms:
-            label = f"{_escape(arm)} (baseline)" if arm == self.baseline else _escape(arm)
-            cells = [self._markdown_cell(arm, m) for m in shown]
-            lines.append(f"| {label} | {self.runs_per_arm[arm]} | " + " | ".join(cells) + " |")
-        lines += ["", f"Cells: mean ± sample std (ddof=1) over seeds; Δ = difference of means to the baseline "
-                      f"`{self.baseline}`, [± Welch 95 % CI half-width] when both arms have n ≥ 2; "
-                      f"(n=k) when only k of the arm's runs logged the metric; n/a = undefined."]
-        if self.skipped_runs:
-            lines += ["", f"Left out {len(self.skipped_runs)} run(s):"]
-            lines += [f"- {r.get('run_id', '?')} arm {r.get('arm')} seed {r.get('seed')}: {r.get('reason')}"
-                      for r in self.skipped_runs]
-        return "\n".join(lines) + "\n"
+    @property
+    def preliminary_arms(self) -> list[str]:
+        """Arms with fewer than MIN_SEEDS finished runs: their intervals are wide and their tests weak."""
+        return [arm for arm in self.arms if self.runs_per_arm[arm] < MIN_SEEDS]
 
-    def _markdown_cell(self, arm: str, metric: str) -> str:
-        row = self.cell(arm, metric)
-        text = f"{_number(row['mean'])} ± {_number(row['std'])}"
-        if arm != self.baseline:
-            text += f", Δ {_number(row['delta'], sign=True)}"
-            if not math.isnan(row["ci95"]):
-                text += f" [±{_number(row['ci95'])}]"
-        if row["n"] != self.runs_per_arm[arm]:
-            text += f" (n={row['n']})"
-        return text
+    @property
+    def family_size(self) -> int:
+        """Number of p-values Holm adjusted together (the tests that could be computed in the family)."""
+        return sum(1 for row in self.cells if row["metric"] in self.family and not math.isnan(row["p"]))
+
+    def to_markdown(self, metrics: list[str] | None = None, details: bool = True) -> str:
+        """The headline table of `metrics` (all when None) with its notes; `details` adds every statistic."""
+        from alignlab.report.render import report_markdown
+
+        return report_markdown(self, self.metrics if metrics is None else list(metrics), details=details)
 
     def to_csv(self, path: str | Path) -> Path:
-        """Long format, one line per (arm, metric): arm, metric, mean, std, n, delta, ci95, baseline arm.
+        """Long format, one line per (arm, metric), columns CSV_COLUMNS.
 
-        Floats are written in full precision; "nan" marks an undefined value (float("nan") reads it back).
-        """
+        Floats are written in full precision; "nan" marks an undefined value (float("nan") reads it back);
+        seed lists are ";"-separated; an empty `significant` means no claim (not in the Holm family)."""
         path = Path(path)
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for row in self.cells:
-                writer.writerow({key: repr(row[key]) if isinstance(row[key], float) else row[key]
-                                 for key in CSV_COLUMNS})
+                writer.writerow({key: _csv_value(row[key]) for key in CSV_COLUMNS})
         return path
 
     def to_json(self) -> str:
-        """The whole table as JSON; undefined values (NaN) become null."""
+        """The whole table as JSON (full precision); undefined values (NaN) become null."""
         cells = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
                  for row in self.cells]
         return json.dumps({"baseline": self.baseline, "arms": self.arms, "metrics": self.metrics,
-                           "runs_per_arm": self.runs_per_arm, "cells": cells, "skipped_runs": self.skipped_runs},
+                           "runs_per_arm": self.runs_per_arm, "preliminary_arms": self.preliminary_arms,
+                           "holm": {"alpha": self.alpha, "family_metrics": self.family,
+                                    "family_size": self.family_size},
+                           "cells": cells, "missing_runs": self.missing_runs, "skipped_runs": self.skipped_runs},
                           indent=2, allow_nan=False, default=str)
 
 
-def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def _number(x: float, sign: bool = False) -> str:
-    if math.isnan(x):
-        return "n/a"
-    return f"{x:+.4g}" if sign else f"{x:.4g}"
+def _csv_value(value):
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return ";".join(str(v) for v in value)
+    return "" if value is None else value
 
 
 def _check_record(index: int, record) -> tuple[str, int, Mapping]:
@@ -133,14 +119,37 @@ def _check_record(index: int, record) -> tuple[str, int, Mapping]:
     return arm, int(seed), metrics
 
 
+def _check_missing(missing_runs: list[dict]) -> list[dict]:
+    for index, run in enumerate(missing_runs):
+        if not isinstance(run, Mapping) or not {"arm", "seed", "reason"} <= run.keys():
+            raise ValueError(f"missing_runs[{index}] must be a dict with 'arm', 'seed' and 'reason', got {run!r}")
+    return [dict(run) for run in missing_runs]
+
+
+def _planned_seeds(records_seeds: dict[str, set], runs: list[dict]) -> dict[str, set]:
+    """Seeds each arm was meant to have: its finished runs plus runs that failed, went missing or were left
+    out (a run superseded by a newer one of the same seed adds nothing new)."""
+    planned = {arm: set(seeds) for arm, seeds in records_seeds.items()}
+    for run in runs:
+        if isinstance(run.get("seed"), int) and run.get("arm"):
+            planned.setdefault(run["arm"], set()).add(run["seed"])
+    return planned
+
+
 def build_report(records: list[dict], baseline: str, metrics: list[str] | None = None,
-                 skipped_runs: list[dict] | None = None) -> ReportTable:
-    """Aggregate {"arm", "seed", "metrics": {name: value}} records into one row per arm (module docstring).
+                 skipped_runs: list[dict] | None = None, *, family: list[str] | None = None,
+                 missing_runs: list[dict] | None = None, alpha: float = ALPHA) -> ReportTable:
+    """Aggregate {"arm", "seed", "metrics": {name: value}} records into one cell per arm x metric (module
+    docstring).
 
     Arms keep their order of first appearance with the baseline moved first. `metrics` restricts and orders
     the metrics (default: every metric, in order of first appearance). An absent or None value is missing
-    and lowers that cell's n. `skipped_runs` (runs left out upstream) is carried into the report.
+    and lowers that cell's n. `skipped_runs` (runs left out upstream, e.g. FAILED in MLflow) and
+    `missing_runs` ({"arm", "seed", "reason"}: planned runs without results) are carried into the report and
+    their seeds count as the arm's missing seeds. `family` (default: every reported metric) names the
+    metrics whose p-values are Holm-adjusted together, over all arms.
     """
+    skipped, missing = list(skipped_runs or []), _check_missing(list(missing_runs or []))
     arms, seen, values, all_metrics = [], set(), {}, []
     for index, record in enumerate(records):
         arm, seed, run_metrics = _check_record(index, record)
@@ -153,33 +162,56 @@ def build_report(records: list[dict], baseline: str, metrics: list[str] | None =
             if name not in all_metrics:
                 all_metrics.append(name)
             if value is not None:
-                values.setdefault((arm, name), []).append(float(value))
+                values.setdefault((arm, name), {})[seed] = float(value)
     if baseline not in arms:
-        raise ValueError(f"baseline arm {baseline!r} has no records; arms present: {arms}")
+        raise ValueError(f"baseline arm {baseline!r} has no finished runs; arms with results: {arms}")
     chosen = all_metrics if metrics is None else list(metrics)
     unknown = [m for m in chosen if m not in all_metrics]
     if unknown:
         raise ValueError(f"metrics {unknown} were not logged by any run; available: {all_metrics}")
-    arms = [baseline] + [arm for arm in arms if arm != baseline]
-
-    cells = []
-    for arm in arms:
-        for metric in chosen:
-            x = np.asarray(values.get((arm, metric), []))
-            b = np.asarray(values.get((baseline, metric), []))
-            mean = float(x.mean()) if len(x) else math.nan
-            base_mean = float(b.mean()) if len(b) else math.nan
-            cells.append({"arm": arm, "metric": metric, "mean": mean,
-                          "std": float(x.std(ddof=1)) if len(x) >= 2 else math.nan, "n": int(len(x)),
-                          "delta": mean - base_mean,
-                          "ci95": math.nan if arm == baseline else welch_ci95_halfwidth(x, b),
-                          "baseline": baseline})
+    family = chosen if family is None else list(family)
+    outside = [m for m in family if m not in chosen]
+    if outside:
+        raise ValueError(f"Holm family metrics {outside} are not in the report; reported: {chosen}")
+    arms += [run["arm"] for run in missing if run["arm"] not in arms]  # arms whose every run failed still show
+    arms = list(dict.fromkeys([baseline] + arms))
+    planned = _planned_seeds({arm: {s for a, s in seen if a == arm} for arm in arms}, skipped + missing)
     runs_per_arm = {arm: sum(1 for a, _ in seen if a == arm) for arm in arms}
-    return ReportTable(baseline, arms, chosen, runs_per_arm, cells, list(skipped_runs or []))
+
+    cells = [_cell(arm, metric, values.get((arm, metric), {}), values.get((baseline, metric), {}), baseline,
+                   sorted(planned.get(arm, ())), runs_per_arm[arm] < MIN_SEEDS)
+             for arm in arms for metric in chosen]
+    in_family = [row for row in cells if row["metric"] in family and row["arm"] != baseline]
+    for row, adjusted in zip(in_family, holm([row["p"] for row in in_family])):
+        row["p_holm"] = adjusted
+        row["significant"] = None if math.isnan(adjusted) else bool(adjusted < alpha)
+    return ReportTable(baseline, arms, chosen, runs_per_arm, cells, skipped, missing, family, alpha)
+
+
+def _cell(arm: str, metric: str, by_seed: dict[int, float], base_by_seed: dict[int, float], baseline: str,
+          planned_seeds: list[int], preliminary: bool) -> dict:
+    x = np.asarray(list(by_seed.values()))
+    ci = mean_ci(x)
+    row = {"arm": arm, "metric": metric, "mean": float(x.mean()) if len(x) else math.nan,
+           "std": float(x.std(ddof=1)) if len(x) >= 2 else math.nan, "n": int(len(x)), "seeds": sorted(by_seed),
+           "missing_seeds": [s for s in planned_seeds if s not in by_seed],
+           "mean_ci_low": ci[0], "mean_ci_high": ci[1], "delta": math.nan, "ci_low": math.nan,
+           "ci_high": math.nan, "test": "baseline", "paired": False, "n_baseline": len(base_by_seed),
+           "p": math.nan, "p_holm": math.nan, "p_perm": math.nan, "p_welch": math.nan, "effect_size": math.nan,
+           "effect_size_kind": "", "significant": None, "preliminary": preliminary, "baseline": baseline}
+    if arm == baseline:
+        row["delta"] = 0.0 if len(x) else math.nan
+        return row
+    result = compare(by_seed, base_by_seed)
+    row.update(delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high, test=result.test,
+               paired=result.paired, p=result.p, p_perm=result.p_perm, p_welch=result.p_welch,
+               effect_size=result.effect_size, effect_size_kind=result.effect_size_kind)
+    return row
 
 
 def write_report(table: ReportTable, out_dir: str | Path, metrics: list[str] | None = None) -> dict[str, Path]:
-    """Write report.md (headline `metrics`, default all), report.csv and report.json (all metrics)."""
+    """Write report.md (headline `metrics`, default all, with details), report.csv and report.json (all
+    metrics)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "json": out / "report.json"}

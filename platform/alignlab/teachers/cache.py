@@ -37,9 +37,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from alignlab.data.dataset import open_train_source, sample_aug_seed
+from alignlab.data.skips import CorruptSampleError
 from alignlab.data.transforms import CLIP_MEAN, CLIP_STD, build_image_transform
 from alignlab.storage import MANIFEST_NAME, load_manifest, open_store, write_manifest
 from alignlab.storage.base import S3_SCHEME
@@ -180,7 +182,11 @@ class _Views(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.source.get(index)[0]
+        try:
+            image = self.source.get(index)[0]
+        except CorruptSampleError as err:  # training substitutes it, so its targets are never read
+            log.warning("teacher cache: %s; caching a blank image in its row", err)
+            image = Image.new("RGB", (8, 8))
         images = [self.transform(image, None)]
         for view in range(1, self.views):
             generator = torch.Generator().manual_seed(sample_aug_seed(self.view_seed, view, index))

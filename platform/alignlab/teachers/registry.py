@@ -324,7 +324,9 @@ def load_teacher(source: str, *, arch: str | None = None, kwargs: dict[str, Any]
                                 "nor an existing checkpoint file")
     if arch:
         return _timm_teacher(_timm_name(arch, source), kwargs, False, path, source=source, **overrides)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from alignlab.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)  # weights-only: a teacher file from elsewhere cannot run code
     if isinstance(state, dict) and "model" in state and "config" in state:
         return _dual_encoder_teacher(path, state, source=source, **overrides)
     raise ValueError(f"teacher checkpoint {path} is not an alignlab checkpoint (no 'model' and 'config'); "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from alignlab.data.dataset import open_train_source, sample_aug_seed
+from alignlab.data.skips import CorruptSampleError
 from alignlab.data.synth.scene import COLOR_NAMES, SHAPES, SIZES
 from alignlab.data.transforms import CLIP_MEAN, CLIP_STD, build_image_transform
 from alignlab.teachers.concepts import (ConceptHeadConfig, build_vocabulary, caption_concepts, concept_targets,
@@ -103,15 +104,20 @@ def load_training_set(data_root: Path, train: str = "train"
                       ) -> tuple[list[Image.Image], list[str], torch.Tensor, list[str]]:
     """(images, captions, true labels [N, L], sample keys) of every training pair, decoded once."""
     source = open_train_source("webdataset", str(Path(data_root) / train))
-    images, captions, labels, keys = [], [], [], []
+    images, captions, labels, keys, corrupt = [], [], [], [], list(source.skipped)
     for index in range(len(source)):
-        image, caption, meta = source.get(index)
+        try:
+            image, caption, meta = source.get(index)
+        except CorruptSampleError as err:
+            corrupt.append(err.record)
+            continue
         images.append(image)
         captions.append(caption)
         labels.append(true_labels(meta, f"{meta['__url__']}:{meta['__key__']}"))
         keys.append(meta["__key__"])
-    if source.num_incomplete:
-        log.warning("%d incomplete training sample(s) skipped (no image or caption)", source.num_incomplete)
+    if corrupt:
+        log.warning("%d corrupt training sample(s) skipped, first: %s:%s (%s)", len(corrupt), corrupt[0]["shard"],
+                    corrupt[0]["key"], corrupt[0]["reason"])
     return images, captions, torch.stack(labels), keys
 
 

@@ -14,6 +14,7 @@ import torch
 from alignlab.config import DataConfig, DistillConfig, ExperimentConfig, ImageTowerConfig, LossConfig, ModelConfig
 from alignlab.data.dataset import PairDataset, open_train_source
 from alignlab.data.shards import WebDatasetIndex
+from alignlab.data.skips import CorruptSampleError
 from alignlab.data.tokenizers import build_tokenizer
 from alignlab.data.transforms import build_image_transform
 from alignlab import losses
@@ -76,7 +77,10 @@ def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, da
 def _training_captions(source) -> list[str]:
     captions = []
     for i in range(len(source)):
-        caption = source[i]["txt"] if isinstance(source, WebDatasetIndex) else source.get(i)[1]
+        try:
+            caption = source[i]["txt"] if isinstance(source, WebDatasetIndex) else source.get(i)[1]
+        except CorruptSampleError:
+            continue  # training skips it too (and records it there)
         captions.extend([caption] if isinstance(caption, str) else caption or [])
     return captions
 
@@ -161,8 +165,10 @@ def transforms_from_config(data: DataConfig):
 
 
 def train_dataset_from_config(data: DataConfig, data_root: Path | str, tokenizer, transform) -> PairDataset:
-    source = open_train_source(data.format, _train_spec(data, data_root), manifest=_manifest_for(data_root))
-    return PairDataset(source, tokenizer, transform)
+    spec = _train_spec(data, data_root)
+    source = open_train_source(data.format, spec, manifest=_manifest_for(data_root),
+                               max_caption_bytes=data.max_caption_bytes)
+    return PairDataset(source, tokenizer, transform, name=spec)
 
 
 def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: DistillConfig | None = None):

@@ -74,7 +74,10 @@ def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+                    min_ratio: float = 0.0, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule, positioned at `start_step` (a resume with a changed config restarts it there: every
+    group's lr becomes its `initial_lr` x the factor at that step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_lr_factor(step, warmup_steps, total_steps, min_ratio)
+        optimizer, lambda step: cosine_lr_factor(step, warmup_steps, total_steps, min_ratio),
+        last_epoch=start_step - 1,
     )

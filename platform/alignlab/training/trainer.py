@@ -4,6 +4,11 @@ Exact resume: the data order is a pure function of (seed, epoch), augmentations 
 and a checkpoint holds model, optimizer, scheduler, scaler, RNG states and the position in the epoch,
 so `resume=True` continues with the same batches and the same losses as an uninterrupted run.
 
+Failure handling: a non-finite loss or gradient norm raises DivergenceError (`guard.py`) before anything
+non-finite is saved; a resume with a config other than the checkpoint's is refused unless
+`allow_config_change` (`resume.py`); metrics.jsonl never repeats a step and tolerates a torn last line, and
+temporary files of a killed checkpoint write are removed on start.
+
 Gradient accumulation splits each rank's batch into micro-batches without changing the loss: features
 of all micro-batches are first computed without gradient, then each micro-batch is recomputed with
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
@@ -19,28 +24,43 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from alignlab.config import ExperimentConfig, config_to_dict
 from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
+from alignlab.data.skips import SkipTracker
 from alignlab.training import builders
 from alignlab.training.checkpoint import (
     atomic_torch_save,
+    atomic_write_text,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    remove_partial_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, compute_threads, init_distributed
+from alignlab.training.guard import DivergenceGuard
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
+from alignlab.training.resume import (
+    CONFIG_HISTORY_FILE,
+    ConfigChange,
+    check_config_changes,
+    config_changes,
+    record_config_changes,
+)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+ConfigChangeCallback = Callable[[int, list[ConfigChange]], None]
 
 
 @dataclass
@@ -49,6 +69,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     final_checkpoint: Path | None = None
     model: torch.nn.Module | None = None
+    config_changes: list[ConfigChange] = field(default_factory=list)  # resumed with --allow-config-change
+    skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite_steps)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -123,12 +145,22 @@ def duplicate_fraction(tokens: torch.Tensor) -> float:
     return 1.0 - torch.unique(tokens, dim=0).shape[0] / max(1, tokens.shape[0])
 
 
-def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
-          on_metrics: MetricsCallback | None = None, dist_info: DistInfo | None = None) -> TrainResult:
+def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False,
+          on_metrics: MetricsCallback | None = None, on_config_change: ConfigChangeCallback | None = None,
+          dist_info: DistInfo | None = None) -> TrainResult:
+    """Train `cfg` into `run_dir` (config.yaml, metrics.jsonl, checkpoints/, final.pt).
+
+    `resume`: continue from the newest checkpoint (from scratch when there is none); a config that differs
+    from the checkpoint's is refused unless `allow_config_change` (then recorded in config_history.jsonl and
+    passed to `on_config_change(step, changes)`). Raises DivergenceError on a non-finite
+    loss or gradient norm (after `train.skip_nonfinite_steps` skipped ones), with nothing non-finite saved."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     dist = dist_info or init_distributed()
     tcfg = cfg.train
+    if dist.is_main:  # what a killed write left behind (a checkpoint's temporary file is as large as one)
+        remove_partial_files(ckpt_dir)
+        remove_partial_files(run_dir)
 
     # ---- setup ---------------------------------------------------------------------------------
     torch.set_num_threads(compute_threads(tcfg.threads, cfg.data.num_workers))
@@ -138,6 +170,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
     raw_model = builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
     dataset = builders.train_dataset_from_config(cfg.data, data_root, tokenizer, train_transform)
+    # skips.json; past data.max_skip_fraction of corrupt samples the run stops here, or at a checkpoint
+    data_skips = SkipTracker(dataset, run_dir, cfg.data.max_skip_fraction, fresh=not resume, write=dist.is_main)
+    data_skips.update()
     teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
                                                            source=dataset.source)  # also adds the heads
     raw_model.to(dist.device)
@@ -159,26 +194,59 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
     loss_fn = builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed, cfg.distill)
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    history = _load_history(run_dir / "metrics.jsonl")
+    history, changes = [], []
     if resume and (path := latest_checkpoint(ckpt_dir)) is not None:
         state = load_checkpoint(path)
+        changes = config_changes(state["config"], cfg, source=f"config stored in {path}")
+        check_config_changes(changes, path, allow_config_change)
+        new_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        history = [h for h in history if h["step"] <= step]
+        if changes:  # lr, weight decay, betas per group and the schedule now follow the new config
+            for group, new in zip(optimizer.param_groups, new_groups):
+                group.update(new)
+            scheduler = build_scheduler(optimizer, warmup_steps_for(tcfg.warmup, total_steps), total_steps,
+                                        tcfg.min_lr_ratio, start_step=step)
+        history = _history_until(_load_history(run_dir / "metrics.jsonl"), step)
         if dist.is_main:
             print(f"[alignlab] resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    elif not resume:
-        history = []
+            record_config_changes(run_dir, step, changes)
+            if changes:
+                print(f"[alignlab] config changed at step {step}: {', '.join(str(c) for c in changes)}")
+                if on_config_change:
+                    on_config_change(step, changes)
+    elif dist.is_main:  # a fresh start: an earlier run's checkpoints must not be resumed or pruned into this one
+        stale = [p for _, p in list_checkpoints(ckpt_dir)] + [
+            p for p in (run_dir / "final.pt", run_dir / CONFIG_HISTORY_FILE) if p.exists()]
+        for old in stale:
+            old.unlink()
+        if stale:
+            print(f"[alignlab] fresh start in {run_dir}: removed {len(stale)} files of an earlier run "
+                  f"({', '.join(p.name for p in stale)})")
+        if resume:
+            print(f"[alignlab] no checkpoint in {ckpt_dir}: starting from step 0")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), run_dir / "config.yaml")
     # FT-delay: the tower's parameters get no gradient while locked, which DDP must be told to expect.
     model = (DistributedDataParallel(raw_model, find_unused_parameters=image_cfg.mode == "ft_delay")
              if dist.enabled else raw_model)
     _rewrite_history(run_dir / "metrics.jsonl", history, dist.is_main)
 
+    guard = DivergenceGuard(dist.device, tcfg.skip_nonfinite_steps, ckpt_dir, is_main=dist.is_main,
+                            advice=f"Lower train.lr (now {tcfg.lr}), check model.init_logit_scale / "
+                                   f"max_logit_scale and the loss settings, or set train.skip_nonfinite_steps")
+
+    def terms_at(at_step: int) -> dict:
+        return next((h for h in reversed(history) if h["step"] == at_step), {})
+
     def save(at_step: int) -> Path | None:
+        guard.check(terms_at)  # never save a non-finite state
+        data_skips.update()
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -202,11 +270,21 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
                        "targets": teacher_targets(images, indices) if teacher_targets else {}}
             stats = train_step(model, loss_fn, images, tokens, context, accumulation=tcfg.accumulation_steps,
                                autocast=autocast, scaler=scaler)
+            grad_norm = None
             if tcfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+            elif not scaler.is_enabled():
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()
+                                                           if p.grad is not None])
+            bad = guard.observe(step + 1, stats["loss"], None if scaler.is_enabled() else grad_norm)
+            if tcfg.skip_nonfinite_steps and guard.skip(bad, step + 1, {k: v for k, v in stats.items()
+                                                                       if k.startswith("loss")}):
+                if scaler.is_enabled():  # as the scaler does for an overflow: no step, a lower scale
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             raw_model.clamp_logit_scale_()
@@ -219,12 +297,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
                       "step_time": time.perf_counter() - tic, "data/duplicate_caption_frac": duplicate_fraction(tokens)}
             if image_cfg.mode == "ft_delay":
                 record["image_tower_locked"] = float(locked)
+            if tcfg.skip_nonfinite_steps:
+                record["skipped_steps"] = float(guard.skipped)
             record |= {k: float(all_reduce_mean(v)) if isinstance(v, torch.Tensor) else float(v)
                        for k, v in stats.items()}
             history.append(record)
             _append_history(run_dir / "metrics.jsonl", record, dist.is_main)
-            if on_metrics and (step % tcfg.log_every == 0 or step == total_steps):
-                on_metrics({k: v for k, v in record.items() if k != "step"}, step)
+            if step % tcfg.log_every == 0 or step == total_steps:
+                guard.check(terms_at)
+                if on_metrics:
+                    on_metrics({k: v for k, v in record.items() if k != "step"}, step)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
             if step % tcfg.checkpoint_every == 0 and step < total_steps:
@@ -235,28 +317,45 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
 
     # ---- save ------------------------------------------------------------------------------------
     final = None
+    save(step)  # every rank: the divergence check before it is collective
     if dist.is_main:
-        save(step)
         final = atomic_torch_save({"model": raw_model.state_dict(), "config": config_to_dict(cfg), "step": step},
                                   run_dir / "final.pt")
     barrier()
-    return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model)
+    return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model,
+                       config_changes=changes, skipped_steps=guard.skipped)
 
 
 # ------------------------------------------------------------------------------------ metrics file
 
 def _load_history(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (a kill during an append) is dropped with a warning."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a JSON row ({line[:60]!r}); delete that line "
+                                 f"(or the file, to lose the history) and resume again") from None
+            warnings.warn(f"{path}: dropped a torn last line ({line[:60]!r}), left by an interrupted write",
+                          stacklevel=2)
+    return rows
+
+
+def _history_until(rows: list[dict], step: int) -> list[dict]:
+    """The rows up to the checkpoint's `step`, one per step (the last written wins), in step order."""
+    return sorted({h["step"]: h for h in rows if h["step"] <= step}.values(), key=lambda h: h["step"])
 
 
 def _rewrite_history(path: Path, history: list[dict], is_main: bool) -> None:
     if is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        tmp.replace(path)
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), path)
 
 
 def _append_history(path: Path, record: dict, is_main: bool) -> None:

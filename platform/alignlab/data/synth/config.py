@@ -13,7 +13,7 @@ class SynthCapsConfig(BaseModel):
     """Sizes of every SynthCaps split and the fraction of training pairs hit by each caption noise
     (each noise is drawn independently per sample; see `captions.noisy_caption` for how they combine)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, ge=0, description="Root seed; every sample's RNG derives from (seed, split, index).")
     image_size: int = Field(64, ge=32, le=1024, description="Side of the square RGB images, in pixels.")
