@@ -17,6 +17,7 @@ recipe it ran.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,14 +133,26 @@ def book_page(spec: AblationSpec, records: list[dict], *, command: str, recipe: 
     return "\n".join(lines), status
 
 
-def write_book_index(pages: list[tuple[AblationSpec, str]], out_dir: Path) -> Path:
-    """docs/results/README.md: the pages in order of importance with their status line."""
+BOOK_ORDER = ("demo", "psd", "noise_sweep", "hn_nce", "diht", "cat")  # the pages, most important first
+_STATUS = re.compile(r"status: \*\*(.+?)\*\*")
+
+
+def write_book_index(out_dir: Path) -> Path:
+    """docs/results/README.md: every page in `out_dir`, in BOOK_ORDER then by name, with its status line."""
+    pages = sorted(out_dir.glob("*.md"), key=lambda p: (BOOK_ORDER.index(p.stem) if p.stem in BOOK_ORDER
+                                                        else len(BOOK_ORDER), p.stem))
     lines = ["# The alignlab results book", "",
-             "One page per shipped seed spec, each regenerated from real runs by `alignlab report SPEC --book`. "
-             "A verdict is about SynthCaps at laptop scale; a page with fewer than 3 seeds per arm is preliminary.",
-             "", "| page | paper | status |", "|---|---|---|"]
-    for spec, status in pages:  # status as book_page returned it
-        lines.append(f"| [{spec.paper.title}]({spec.name}.md) | {spec.paper.source} | {status} |")
+             "One page per shipped seed spec, each regenerated from real runs by "
+             "`alignlab report ablations/SPEC.yaml --book`. A verdict is about SynthCaps at laptop scale; a "
+             "page with fewer than 3 finished seeds in some arm is preliminary.", "",
+             "| page | status |", "|---|---|"]
+    for page in pages:
+        if page.name == "README.md":
+            continue
+        text = page.read_text()
+        title = text.splitlines()[0].lstrip("# ").strip() if text else page.stem
+        status = _STATUS.search(text)
+        lines.append(f"| [{title}]({page.name}) | {status.group(1) if status else '?'} |")
     path = out_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
