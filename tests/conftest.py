@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-# One intra-op thread per test process: pytest-xdist runs two processes on two cores, and more threads
-# than cores makes small tensor loops many times slower.
+# One intra-op thread per test process (and per subprocess it starts, through OMP_NUM_THREADS, which the
+# trainer honours): pytest-xdist runs two processes on two cores, and more threads than cores makes small
+# tensor loops many times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 SMALL_SYNTH = {

@@ -296,6 +296,40 @@ def substitute_placeholders(value, mapping: dict[str, str]):
     return value
 
 
+class PaperClaim(BaseModel):
+    """One claim of the paper a spec mirrors: `arm` beats (direction higher) or undercuts (lower) the spec's
+    baseline arm on `metric`; the results book judges it from the runs (alignlab.report.book)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    claim: str
+    arm: str
+    metric: str
+    direction: Literal["higher", "lower"] = "higher"
+    baseline: str | None = Field(None, description="The arm compared against; default: the spec's baseline.")
+
+
+class PaperRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(description="The paper's row, e.g. 'swapped, dynamic, progressive'.")
+    values: dict[str, float | None] = Field(default_factory=dict, description="Paper column -> its number.")
+
+
+class PaperBlock(BaseModel):
+    """The paper's own numbers next to a spec (results book): its table, which SynthCaps metric stands for
+    each paper column, and the claims to judge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str
+    source: str = Field(description="Paper, table and setting, e.g. 'PSD (001) Table 4, COCO, ViT-B/32'.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Paper column -> metric reported here.")
+    rows: dict[str, PaperRow] = Field(default_factory=dict, description="Arm here -> the paper's row.")
+    claims: list[PaperClaim] = Field(default_factory=list)
+    notes: str | None = None
+
+
 class AblationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -311,6 +345,7 @@ class AblationSpec(BaseModel):
     report_plot: ReportPlot | None = None
     gate: GateSpec | None = None
     prepare: list[PrepareEntry] = Field(default_factory=list)
+    paper: PaperBlock | None = None
 
     # Set by load_spec when a prepare step uses {data_root}: the base config whose data must exist first.
     _prepare_data_config: ExperimentConfig | None = PrivateAttr(None)
@@ -340,6 +375,11 @@ class AblationSpec(BaseModel):
         names = self.arm_overrides().keys()
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline {self.baseline!r} is not an arm; arms are {sorted(names)}")
+        if self.paper is not None:
+            named = {c.arm for c in self.paper.claims} | {c.baseline for c in self.paper.claims if c.baseline}
+            unknown = sorted((named | set(self.paper.rows)) - set(names))
+            if unknown:
+                raise ValueError(f"paper: arms {unknown} are not arms of this spec; arms are {sorted(names)}")
         return self
 
     def arm_overrides(self) -> dict[str, dict[str, Any]]:

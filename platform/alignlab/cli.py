@@ -9,7 +9,7 @@
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
   alignlab run SPEC.yaml [key=value ...] [--resume] [--runner kfp-local|inline] [--verbose]
                                                      run an ablation end to end and print its report
-  alignlab report SPEC.yaml                          rebuild an ablation's report from its runs
+  alignlab report SPEC.yaml [--book]                 rebuild an ablation's report (and its results-book page)
   alignlab gate --experiment nightly --today-run ID  regression gate of a nightly run against its history
   alignlab tracking replay RUN_DIR                   send tracking records an MLflow outage left in a run folder
 
@@ -141,6 +141,13 @@ def _cmd_report(args) -> int:
     from alignlab.experiment import ablation_dir, report_ablation
 
     spec, plans = load_spec(args.spec, args.overrides)
+    if args.book:
+        from alignlab.experiment import write_book_page
+
+        command = " ".join(["alignlab report", str(args.spec), *args.overrides, "--book"])
+        write_book_page(spec, plans, args.book_dir, command=command)
+        if not any((plan.run_dir / "results.json").exists() for plan in plans):
+            return 0  # a page that says "not run yet"; no report to rebuild
     report_ablation(spec, plans)
     _print_next_steps(ablation_dir(plans), plans[0].config.tracking)
     return 0
@@ -229,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild an ablation report from its runs")
     rep.add_argument("spec", type=Path)
     rep.add_argument("overrides", nargs="*")
+    rep.add_argument("--book", action="store_true",
+                     help="also write the spec's results-book page (its paper: block) and the book index")
+    rep.add_argument("--book-dir", type=Path, default=Path("docs/results"), help="where the book lives")
     rep.set_defaults(func=_cmd_report)
 
     from alignlab.report.gate_cli import add_gate_arguments, run_gate

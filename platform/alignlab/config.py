@@ -156,7 +156,11 @@ class ModelConfig(_Strict):
         text = dict(preset["text"])
         text.pop("vocab_size", None)  # the tokenizer decides the vocabulary
         tokenizer = {"context_length": text.pop("context_length")} if "context_length" in text else {}
-        fields = {"embed_dim": preset["embed_dim"], "image": preset["image"], "text": text, "tokenizer": tokenizer}
+        image = dict(preset["image"])
+        given_image = values.get("image") or {}
+        if isinstance(given_image, dict) and given_image.get("name", image["name"]) != image["name"]:
+            image.pop("kwargs", None)  # another architecture: the preset's kwargs were written for its own
+        fields = {"embed_dim": preset["embed_dim"], "image": image, "text": text, "tokenizer": tokenizer}
         return _deep_merge(fields, values)
 
 
@@ -280,6 +284,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1)
+    threads: int | None = Field(None, ge=1, description="Compute threads per rank; null: this process's CPUs "
+                                "divided among the local ranks, less one per data-loader worker (at least 1).")
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many optimizer steps whose loss or "
                                       "gradient norm is NaN/inf (logged, counted), then stop; 0: stop at the first.")
     progress: bool = True

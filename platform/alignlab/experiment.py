@@ -419,3 +419,31 @@ def gate_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print):
     print_fn(result.to_markdown())
     print_fn(f"[alignlab] gate {result.status}: {paths['md']}")
     return result
+
+
+def recipe_summary(plans: list[RunPlan]) -> str:
+    """One line that says what the runs of a book page trained (the base recipe of its first plan)."""
+    cfg = plans[0].config
+    synth = cfg.data.synth
+    data = (f"SynthCaps {synth.num_train} pairs, object_scale {synth.object_scale}, max_objects "
+            f"{synth.max_objects}" if synth is not None else f"data {cfg.data.root}")
+    length = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epochs"
+    seeds = sorted({p.seed for p in plans})
+    return (f"model preset {cfg.model.preset} at {cfg.data.image_size} px, {data}, batch {cfg.train.batch_size}, "
+            f"lr {cfg.train.lr}, {length}, seeds {seeds}")
+
+
+def write_book_page(spec: AblationSpec, plans: list[RunPlan], book_dir: str | Path, *, command: str,
+                    print_fn=print) -> Path:
+    """docs/results/<spec>.md from the spec's finished runs (see alignlab.report.book), and the book index."""
+    from alignlab.report.book import book_page, write_book_index
+
+    records, _ = collect_records(plans)
+    text, status = book_page(spec, records, command=command, recipe=recipe_summary(plans))
+    out = Path(book_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{spec.name}.md"
+    path.write_text(text)
+    write_book_index(out)
+    print_fn(f"[alignlab] results book page: {path} ({status})")
+    return path

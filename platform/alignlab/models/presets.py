@@ -99,6 +99,18 @@ def tiny() -> dict[str, Any]:
             "text": _clip_text(width=128, layers=4, heads=4, context_length=32)}
 
 
+@register_preset("tiny-resnet")
+def tiny_resnet() -> dict[str, Any]:
+    """The SynthCaps benchmark recipe's model (docs/results): a quarter-width ResNet-18 (channels 32-256),
+    whose average-pooled convolutional features see colour from the first step and small shapes soon
+    after, and a 2-layer bidirectional text transformer with mean pooling, sized for a language of ~100
+    words (pair it with `model.tokenizer.kind: wordpiece`, a vocabulary trained on the captions). The tiny
+    ViT on 8x8 patches learned colour and nothing else on 2 CPU cores."""
+    image_kwargs = {"channels": [32, 64, 128, 256], "stem_width": 32}
+    text = _clip_text(width=128, layers=2, heads=4, context_length=32) | {"pool": "mean", "causal": False}
+    return {"embed_dim": 128, "image": {"name": "resnet18", "kwargs": image_kwargs}, "text": text}
+
+
 @register_preset("vit-b-32")
 def vit_b_32() -> dict[str, Any]:
     """CLIP ViT-B/32 (about 151.3 M parameters, PSD's model)."""

@@ -41,7 +41,9 @@ class ImageTower(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.model.num_features
+        """Width of the pooled output: timm's `head_hidden_size` where a model has a pre-logits stage after
+        pooling (MobileNetV3, some ConvNeXts), else `num_features`."""
+        return getattr(self.model, "head_hidden_size", None) or self.model.num_features
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

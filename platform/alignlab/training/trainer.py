@@ -49,7 +49,7 @@ from alignlab.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, compute_threads, init_distributed
 from alignlab.training.guard import DivergenceGuard
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
 from alignlab.training.resume import (
@@ -100,7 +100,7 @@ def train_step(model, loss_fn, images, tokens, context, *, accumulation: int, au
             outputs = model(images, tokens)
             terms, logs = loss_fn(outputs, context)
         scaler.scale(sum(terms.values())).backward()
-        return _step_record(terms, logs, outputs["logit_scale"])
+        return _step_record(terms, logs, outputs)
 
     micro = _micro_batches((images, tokens), accumulation)
     with torch.no_grad(), autocast():
@@ -118,13 +118,32 @@ def train_step(model, loss_fn, images, tokens, context, *, accumulation: int, au
             terms, logs = loss_fn(outputs, context)
         scaler.scale(sum(terms.values())).backward()
         if j == 0:
-            first = _step_record(terms, logs, live["logit_scale"])
+            first = _step_record(terms, logs, outputs | {"logit_scale": live["logit_scale"]})
     return first
 
 
-def _step_record(terms: dict, logs: dict, logit_scale: torch.Tensor) -> dict:
-    record = {"loss": sum(v.detach() for v in terms.values()), "logit_scale": logit_scale.detach()}
+def _step_record(terms: dict, logs: dict, outputs: dict) -> dict:
+    record = {"loss": sum(v.detach() for v in terms.values()), "logit_scale": outputs["logit_scale"].detach(),
+              "collapse/image_mean_cos": mean_pairwise_cosine(outputs["image_features"].detach()),
+              "collapse/text_mean_cos": mean_pairwise_cosine(outputs["text_features"].detach())}
     return record | {f"loss/{k}": v.detach() for k, v in terms.items()} | logs
+
+
+def mean_pairwise_cosine(features: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over the n(n-1) ordered pairs of distinct rows of unit-norm `features` [n, d], in O(nd):
+    |sum_i f_i|^2 = n + sum_{i != j} f_i . f_j. Near 1 means every row is the same vector (collapse; the
+    contrastive loss then sits at ln n), near 0 a spread-out batch."""
+    n = features.shape[0]
+    if n < 2:
+        return features.new_zeros(())
+    total = features.float().sum(dim=0)
+    return (total @ total - features.float().pow(2).sum()) / (n * (n - 1))
+
+
+def duplicate_fraction(tokens: torch.Tensor) -> float:
+    """Fraction of a batch's captions that repeat an earlier caption of the batch token for token: InfoNCE
+    treats such pairs as negatives of each other, which no model can separate."""
+    return 1.0 - torch.unique(tokens, dim=0).shape[0] / max(1, tokens.shape[0])
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False,
@@ -145,6 +164,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         remove_partial_files(run_dir)
 
     # ---- setup ---------------------------------------------------------------------------------
+    torch.set_num_threads(compute_threads(tcfg.threads, cfg.data.num_workers))
     builders.seed_everything(cfg.seed)
     data_root = builders.resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
@@ -276,7 +296,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 epoch, batch_in_epoch = epoch + 1, 0
 
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                      "step_time": time.perf_counter() - tic}
+                      "step_time": time.perf_counter() - tic, "data/duplicate_caption_frac": duplicate_fraction(tokens)}
             if image_cfg.mode == "ft_delay":
                 record["image_tower_locked"] = float(locked)
             if tcfg.skip_nonfinite_steps:

@@ -27,11 +27,19 @@ class SynthCapsConfig(BaseModel):
     zeroshot_per_class_test: int = Field(20, ge=1, description="Images per class, classification test split.")
     shift_per_class: int = Field(20, ge=1, description="Images per class in each distribution-shift set.")
     workers: int = Field(1, ge=1, le=256, description="Processes; the output does not depend on it.")
+    object_scale: float = Field(1.0, ge=0.5, le=1.4, description="Difficulty: multiplies every object's radius "
+                                "(1.0: small 0.1, large 0.15 of the image side).")
+    max_objects: int = Field(3, ge=1, le=3, description="Difficulty: at most this many objects per scene "
+                             "(a larger draw is cut down, so 1-object scenes grow more common).")
     mismatch: float = Field(0.0, ge=0.0, le=1.0, description="Fraction captioned from another random scene.")
     wrong_attribute: float = Field(0.0, ge=0.0, le=1.0, description="Fraction with one colour/size word wrong.")
     uninformative: float = Field(0.0, ge=0.0, le=1.0, description="Fraction with alt-text like 'IMG_0042.jpg'.")
     product: float = Field(0.0, ge=0.0, le=1.0, description="Fraction with product-listing captions (no action).")
     text_in_image: float = Field(0.0, ge=0.0, le=1.0, description="Fraction with caption words drawn in the image.")
+
+    def layout(self) -> dict:
+        """The scene difficulty settings, as `sample_scene` keywords."""
+        return {"object_scale": self.object_scale, "max_objects": self.max_objects}
 
     def noise_fractions(self) -> dict[str, float]:
         return {"mismatch": self.mismatch, "wrong_attribute": self.wrong_attribute,

@@ -94,10 +94,12 @@ def classnames(task: str) -> list[str]:
     raise ValueError(f"unknown classification task {task!r}; expected one of {CLASSIFICATION_TASKS}")
 
 
-def train_sample(seed: int, index: int, image_size: int, fractions: dict[str, float]) -> tuple[bytes, str, dict]:
-    """One training pair: (PNG bytes, caption, metadata JSON of the contract)."""
+def train_sample(seed: int, index: int, image_size: int, fractions: dict[str, float],
+                 layout: dict | None = None) -> tuple[bytes, str, dict]:
+    """One training pair: (PNG bytes, caption, metadata JSON of the contract). `layout` holds the scene
+    difficulty settings (`SynthCapsConfig.layout()`: object_scale, max_objects)."""
     rng = _rng(seed, TRAIN_STREAM, index)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, **(layout or {}))
     clean = cap.sample_caption(scene, rng)
     flags = cap.draw_noise_flags(fractions, rng)  # noise draws come last: see the module docstring
     caption, applied = cap.noisy_caption(scene, clean, flags, rng)
@@ -118,7 +120,8 @@ def _train_shard(root: Path, config: SynthCapsConfig, shard: int) -> dict:
     members = []
     start, stop = shard * config.shard_size, min((shard + 1) * config.shard_size, config.num_train)
     for index in range(start, stop):
-        png, caption, meta = train_sample(config.seed, index, config.image_size, config.noise_fractions())
+        png, caption, meta = train_sample(config.seed, index, config.image_size, config.noise_fractions(),
+                                          config.layout())
         noise_counts.update(meta["noise"])
         key = meta["sample_id"]
         members += [tar_member(f"{key}.png", png), tar_member(f"{key}.txt", caption.encode()),
@@ -132,7 +135,7 @@ def _retrieval_chunk(root: Path, config: SynthCapsConfig, split: str, start: int
     k = config.captions_per_image
     for index in range(start, stop):
         rng = _rng(config.seed, RETRIEVAL_STREAMS[split], index)
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, **config.layout())
         texts = cap.sample_caption_set(scene, rng, k)
         file_name = f"{index:06d}.png"
         relpath, digest = _write(root, f"retrieval/{split}/images/{file_name}",
@@ -159,7 +162,8 @@ def _classification_split(root: Path, config: SynthCapsConfig, task: str, split:
         fixed = {"shape": {"shape": name}, "color": {"color": name},
                  "shape_color": dict(zip(("color", "shape"), name.split()))}[task]
         for n in range(per_class):
-            scene = sample_single_object_scene(_rng(config.seed, stream, class_index * per_class + n), **fixed)
+            scene = sample_single_object_scene(_rng(config.seed, stream, class_index * per_class + n), **fixed,
+                                               object_scale=config.object_scale)
             relpath = f"classification/{task}/{split}/{_class_folder(class_index, name)}/{n:05d}.png"
             files.update([_write(root, relpath, _png(render_scene(scene, config.image_size)))])
     if split == CLASSIFICATION_SPLITS[0]:
@@ -177,7 +181,7 @@ def _shift_set(root: Path, config: SynthCapsConfig, name: str) -> dict:
             index = class_index * per_class + n
             size = "large" if name == "texture" else None
             style_rng = _rng(config.seed, stream, index)
-            scene = sample_single_object_scene(style_rng, shape=shape, size=size)
+            scene = sample_single_object_scene(style_rng, shape=shape, size=size, object_scale=config.object_scale)
             image = {"sketch": lambda: render_sketch(scene, config.image_size),
                      "texture": lambda: render_textured(scene, config.image_size, style_rng),
                      "clutter": lambda: render_cluttered(scene, config.image_size, style_rng),

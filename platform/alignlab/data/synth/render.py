@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from alignlab.data.synth.scene import COLORS, RADIUS
+from alignlab.data.synth.scene import COLORS, object_radius
 
 SUPERSAMPLE = 2
 OUTLINE = (25, 25, 25)
@@ -67,7 +67,7 @@ def _line_width(n: int) -> int:
 
 
 def _geometry(obj: dict, n: int) -> tuple[float, float, float]:
-    return obj["x"] * n, obj["y"] * n, RADIUS[obj["size"]] * n
+    return obj["x"] * n, obj["y"] * n, object_radius(obj) * n
 
 
 def _fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:

@@ -6,7 +6,8 @@ A scene is a plain dict, JSON-ready:
 `{"objects": [{"shape", "color", "size", "x", "y"}], "relations": [{"subject", "relation", "object"}],
 "action": {"verb", "subject", "object"} | None, "background": str, "background_params": {...}}`.
 `x`, `y` are the object centre as a fraction of the image side (y grows downwards), rounded to 3 decimals
-so that the JSON and the rendering agree exactly. Object radii are `RADIUS[size]` times the image side.
+so that the JSON and the rendering agree exactly. Object radii are `RADIUS[size]` times the image side,
+times the object's `scale` (present only when the dataset's `object_scale` is not 1; see `object_radius`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ def relation_between(subject: dict, obj: dict) -> str:
     return "above" if dy > 0 else "below"
 
 
-def _object(shape: str, color: str, size: str, x: float, y: float) -> dict:
-    return {"shape": shape, "color": color, "size": size, "x": round(float(x), 3), "y": round(float(y), 3)}
+def object_radius(obj: dict) -> float:
+    """An object's radius as a fraction of the image side."""
+    return RADIUS[obj["size"]] * obj.get("scale", 1.0)
+
+
+def _object(shape: str, color: str, size: str, x: float, y: float, scale: float = 1.0) -> dict:
+    obj = {"shape": shape, "color": color, "size": size, "x": round(float(x), 3), "y": round(float(y), 3)}
+    return obj | ({"scale": scale} if scale != 1.0 else {})
 
 
 def _random_kind(rng: np.random.Generator) -> tuple[str, str, str]:
@@ -74,8 +81,14 @@ def _action_layout(verb: str, r_s: float, r_o: float, rng: np.random.Generator):
         ox = rng.uniform(max(0.3, half_width + MARGIN), min(0.7, 1 - half_width - MARGIN))
         oy = rng.uniform(0.62, 1 - MARGIN - r_o)
         sy = oy - r_o - r_s - rng.uniform(0.06, 0.1)
+        if sy - r_s < MARGIN:  # large objects (object_scale > 1): lift the pair so the jumper stays inside
+            oy, sy = oy + (MARGIN + r_s - sy), MARGIN + r_s
         return (ox, sy), (ox, oy), (ox - half_width, sy - r_s, ox + half_width, oy + r_o)
     behind, gap, ahead = (0.08, rng.uniform(0.12, 0.2), 0.0) if verb == "chasing" else (0.0, 0.01, 0.1)
+    room = 1 - 2 * MARGIN - 2 * r_s - 2 * r_o
+    if behind + gap + ahead > room:  # large objects (object_scale > 1): tighten the spacing to fit
+        factor = 0.999 * room / (behind + gap + ahead)
+        behind, gap, ahead = behind * factor, gap * factor, ahead * factor
     span = behind + 2 * r_s + gap + 2 * r_o + ahead
     start = rng.uniform(MARGIN, 1 - MARGIN - span)
     y = rng.uniform(MARGIN + max(r_s, r_o), 1 - MARGIN - max(r_s, r_o))
@@ -90,7 +103,7 @@ def _action_layout(verb: str, r_s: float, r_o: float, rng: np.random.Generator):
 
 def _is_free(x: float, y: float, r: float, objects: list[dict], boxes: list[tuple]) -> bool:
     for other in objects:
-        if math.hypot(x - other["x"], y - other["y"]) < r + RADIUS[other["size"]] + GAP:
+        if math.hypot(x - other["x"], y - other["y"]) < r + object_radius(other) + GAP:
             return False
     for x0, y0, x1, y1 in boxes:
         nearest_x, nearest_y = min(max(x, x0), x1), min(max(y, y0), y1)
@@ -100,14 +113,14 @@ def _is_free(x: float, y: float, r: float, objects: list[dict], boxes: list[tupl
 
 
 def _place_free(kind: tuple[str, str, str], objects: list[dict], boxes: list[tuple],
-                rng: np.random.Generator, attempts: int = 40) -> dict | None:
+                rng: np.random.Generator, attempts: int = 40, scale: float = 1.0) -> dict | None:
     """Rejection-sample a free spot; None when the image is too full (the object is then left out)."""
     shape, color, size = kind
-    r = RADIUS[size]
+    r = RADIUS[size] * scale
     for _ in range(attempts):
         x, y = rng.uniform(MARGIN + r, 1 - MARGIN - r, size=2)
         if _is_free(x, y, r, objects, boxes):
-            return _object(shape, color, size, x, y)
+            return _object(shape, color, size, x, y, scale)
     return None
 
 
@@ -117,10 +130,12 @@ def pairwise_relations(objects: list[dict]) -> list[dict]:
             for i in range(len(objects)) for j in range(i + 1, len(objects))]
 
 
-def sample_scene(rng: np.random.Generator) -> dict:
-    """A training scene: 1-3 objects, relations between all pairs, an action with P = ACTION_PROB when
-    there are at least two objects. Objects 0 and 1 are the action's subject and object."""
+def sample_scene(rng: np.random.Generator, object_scale: float = 1.0, max_objects: int = 3) -> dict:
+    """A training scene: 1-3 objects (at most `max_objects`: a larger draw is cut down to it), relations
+    between all pairs, an action with P = ACTION_PROB when there are at least two objects. Objects 0 and 1
+    are the action's subject and object. `object_scale` multiplies every radius (SynthCaps difficulty)."""
     n_objects = 1 + int(np.searchsorted(np.cumsum(NUM_OBJECTS_PROBS), rng.random(), side="right"))
+    n_objects = min(n_objects, max_objects)
     kinds = [_random_kind(rng) for _ in range(n_objects)]
     if n_objects >= 2 and rng.random() < SAME_KIND_PROB:
         kinds[1] = (kinds[0][0], kinds[0][1], kinds[1][2])
@@ -129,12 +144,13 @@ def sample_scene(rng: np.random.Generator) -> dict:
     action = None
     if n_objects >= 2 and rng.random() < ACTION_PROB:
         verb = ACTIONS[rng.integers(len(ACTIONS))]
-        (sx, sy), (ox, oy), box = _action_layout(verb, RADIUS[kinds[0][2]], RADIUS[kinds[1][2]], rng)
-        objects = [_object(*kinds[0], sx, sy), _object(*kinds[1], ox, oy)]
+        (sx, sy), (ox, oy), box = _action_layout(verb, RADIUS[kinds[0][2]] * object_scale,
+                                                 RADIUS[kinds[1][2]] * object_scale, rng)
+        objects = [_object(*kinds[0], sx, sy, object_scale), _object(*kinds[1], ox, oy, object_scale)]
         boxes.append(box)
         action = {"verb": verb, "subject": 0, "object": 1}
     for kind in kinds[len(objects):]:
-        placed = _place_free(kind, objects, boxes, rng)
+        placed = _place_free(kind, objects, boxes, rng, scale=object_scale)
         if placed is not None:
             objects.append(placed)
     background, params = _background(rng)
@@ -143,12 +159,12 @@ def sample_scene(rng: np.random.Generator) -> dict:
 
 
 def sample_single_object_scene(rng: np.random.Generator, shape: str | None = None,
-                               color: str | None = None, size: str | None = None) -> dict:
+                               color: str | None = None, size: str | None = None, object_scale: float = 1.0) -> dict:
     """A one-object scene for classification sets; `shape` / `color` / `size` fix what is given, the rest
     is random."""
     kind = _random_kind(rng)
     kind = (shape or kind[0], color or kind[1], size or kind[2])
-    placed = _place_free(kind, [], [], rng)  # always succeeds: an empty image has room
+    placed = _place_free(kind, [], [], rng, scale=object_scale)  # always succeeds: an empty image has room
     background, params = _background(rng)
     return {"objects": [placed], "relations": [], "action": None,
             "background": background, "background_params": params}

@@ -1,0 +1,94 @@
+"""The results book: verdicts per paper claim from seed-level results, the page and its index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignlab.ablation import AblationSpec, load_spec
+from alignlab.report.book import book_page, write_book_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = {
+    "name": "toy", "base": {}, "seeds": [0, 1, 2],
+    "arms": {"base": {}, "better": {"train.lr": 1e-3}, "worse": {"train.lr": 2e-3}, "same": {"train.lr": 3e-3},
+             "absent": {"train.lr": 4e-3}},
+    "baseline": "base",
+    "paper": {"title": "Toy table", "source": "a paper, Table 1", "columns": {"acc": "m"},
+              "rows": {"base": {"label": "CLIP", "values": {"acc": 50.0}}},
+              "claims": [{"claim": "better beats base", "arm": "better", "metric": "m"},
+                         {"claim": "worse beats base", "arm": "worse", "metric": "m"},
+                         {"claim": "same beats base", "arm": "same", "metric": "m"},
+                         {"claim": "absent beats base", "arm": "absent", "metric": "m"},
+                         {"claim": "better beats worse", "arm": "better", "baseline": "worse", "metric": "m"}]},
+}
+
+
+def _records(arms: dict[str, list[float]]) -> list[dict]:
+    return [{"arm": arm, "seed": seed, "metrics": {"m": value}}
+            for arm, values in arms.items() for seed, value in enumerate(values)]
+
+
+def _verdicts(page: str) -> dict[str, str]:
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| ") and " beats " in line]
+    return {row[0].lstrip("| "): row[3].strip("*") for row in rows}
+
+
+def test_verdict_per_claim():
+    spec = AblationSpec(**SPEC)
+    # seed-paired: seed s shifts every arm alike, so the paired differences are tight
+    records = _records({"base": [50, 60, 70], "better": [55.1, 65.3, 75.2], "worse": [44.8, 55.1, 64.9],
+                        "same": [52, 58, 71]})
+    page, status = book_page(spec, records, command="alignlab report toy.yaml --book", recipe="toy")
+    verdicts = _verdicts(page)
+    assert verdicts["better beats base"] == "reproduces"
+    assert verdicts["worse beats base"] == "does not reproduce"
+    assert verdicts["same beats base"] == "inconclusive at this scale"
+    assert verdicts["absent beats base"] == "not run"
+    assert verdicts["better beats worse"] == "reproduces"
+    assert "n.s." in page and "| base | CLIP | 50.00 |" in page
+    assert status.startswith("preliminary")  # the arm 'absent' has no seeds
+
+
+def test_fewer_than_three_seeds_is_preliminary():
+    spec = AblationSpec(**(SPEC | {"seeds": [0, 1]}))
+    records = _records({"base": [50, 60], "better": [60, 70], "worse": [40, 50], "same": [50, 60],
+                        "absent": [50, 60]})
+    page, status = book_page(spec, records, command="c", recipe="r")
+    assert status.startswith("preliminary")
+    assert all(v.endswith("(preliminary)") or v == "not run" for v in _verdicts(page).values())
+
+
+def test_no_runs_yet_and_the_index(tmp_path):
+    spec = AblationSpec(**SPEC)
+    page, status = book_page(spec, [], command="c", recipe="r")
+    assert status == "not run yet" and set(_verdicts(page).values()) == {"not run"}
+    (tmp_path / "toy.md").write_text(page)
+    (tmp_path / "demo.md").write_text("# Demo page\n\nstatus: **complete**\n")
+    index = write_book_index(tmp_path).read_text()
+    assert index.index("demo.md") < index.index("toy.md") and "not run yet" in index
+
+
+def test_paper_claims_name_existing_arms():
+    with pytest.raises(ValueError, match="nope"):
+        AblationSpec(**(SPEC | {"paper": SPEC["paper"] | {"claims": [{"claim": "x", "arm": "nope", "metric": "m"}]}}))
+
+
+@pytest.mark.parametrize("name", ["demo", "psd", "noise_sweep", "hn_nce", "diht", "cat"])
+def test_every_book_spec_has_a_paper_block(name):
+    spec, _ = load_spec(REPO / "ablations" / f"{name}.yaml")
+    assert spec.paper is not None and spec.paper.claims
+
+
+def test_report_book_cli_writes_a_not_run_page(tmp_path, monkeypatch):
+    from alignlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    spec = dict(SPEC, base={"output_dir": str(tmp_path / "runs")})
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["report", "toy.yaml", "--book", "--book-dir", str(tmp_path / "book")]) == 0
+    assert "not run yet" in (tmp_path / "book" / "toy.md").read_text()
+    assert "toy.md" in (tmp_path / "book" / "README.md").read_text()
