@@ -88,8 +88,8 @@ def test_kfp_local_failure_tail_path_and_verbose(tmp_path, monkeypatch, capsys):
     assert main(["run", spec, "--runner", "kfp-local"]) == 1
     captured = capsys.readouterr()
     log = Path("runs/two-arms/logs/data-no-such-data.log")
-    assert re.search(rf"^\[1/8\] done +open-tracking", captured.out, flags=re.M)
-    assert re.search(rf"^\[2/8\] FAILED +data no-such-data after [^;]+; log: {re.escape(str(log))}$",
+    # open-tracking runs beside the data task: it may or may not finish before the failure
+    assert re.search(rf"^\[[12]/8\] FAILED +data no-such-data after [^;]+; log: {re.escape(str(log))}$",
                      captured.out, flags=re.M)
     assert re.search(r"^    \| .*FileNotFoundError: data.root no-such-data does not exist", captured.out, flags=re.M)
     assert "KFP Executor" in log.read_text()

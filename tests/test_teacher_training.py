@@ -263,6 +263,7 @@ def test_a_two_arm_slice_of_the_diht_spec_runs_end_to_end(tmp_path, monkeypatch,
     spec["base"] = str(REPO / "configs" / "tiny_synthcaps.yaml")
     spec["arms"] = {name: spec["arms"][name] for name in ("CD-O+A", "FT-delay")}
     spec["baseline"], spec["seeds"] = "CD-O+A", [0]
+    spec.pop("paper")  # its claims name arms this slice leaves out
     text = yaml.safe_dump(spec).replace("teachers/synthcaps-tiny", str(teacher_dir))
     (tmp_path / "slice.yaml").write_text(text)
     tiny = tiny_config_tree(tmp_path / "data", tmp_path / "runs", max_steps=2)

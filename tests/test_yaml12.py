@@ -72,7 +72,8 @@ def test_the_float_reaches_timm_as_a_float():
     from alignlab.data.tokenizers import build_tokenizer
     from alignlab.training.builders import model_from_config
 
-    cfg = load_config(ROOT / "configs" / "tiny_synthcaps.yaml", ["model.image.kwargs={drop_path_rate: 1e-1, depth: 2}"])
+    cfg = load_config(ROOT / "configs" / "tiny_synthcaps.yaml",
+                      ["model.preset=tiny", "model.image.kwargs={drop_path_rate: 1e-1, depth: 2}"])
     model = model_from_config(cfg.model, build_tokenizer("clip_bpe", context_length=cfg.model.tokenizer.context_length))
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.1)
@@ -91,8 +92,8 @@ def test_duplicate_keys_in_a_config_file_and_in_an_override_are_errors(tmp_path)
 def test_every_shipped_config_and_spec_loads(tmp_path, monkeypatch):
     from alignlab.ablation import load_spec
 
-    assert "lr: 3e-4" in (ROOT / "configs" / "tiny_synthcaps.yaml").read_text()
-    assert load_config(ROOT / "configs" / "tiny_synthcaps.yaml").train.lr == 3e-4
+    assert "lr: 2e-3" in (ROOT / "configs" / "tiny_synthcaps.yaml").read_text()
+    assert load_config(ROOT / "configs" / "tiny_synthcaps.yaml").train.lr == 2e-3
     monkeypatch.chdir(tmp_path)
     specs = sorted((ROOT / "ablations").glob("*.yaml"))
     assert specs and all(load_spec(spec)[1] for spec in specs)

@@ -255,9 +255,12 @@ def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, al
     except Exception as err:
         if tracker:
             tracker.set_tags({TAG_FAILURE: failure_reason(err)})
+            tracker.flush()  # the run stays open, but this process may end now: deliver the reason first
         raise
     if not dist.is_main:
         return None
+    if tracker:
+        tracker.flush()  # delivered before the evaluate step (another process) reads and ends the run
     outcome = {"steps": trained.steps, "metrics": trained.metrics,
                "final_checkpoint": str(trained.final_checkpoint) if trained.final_checkpoint else None}
     (run_dir / TRAIN_OUTCOME_FILE).write_text(json.dumps(outcome, indent=2, sort_keys=True))

@@ -36,8 +36,15 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = err
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is not None and cause is not err:
+            # torch.save's writer fails in its own cleanup ("unexpected pos") when Ctrl-C or SIGTERM lands
+            # inside it; surface the interrupt, so the run ends KILLED rather than as a mystery error
+            raise cause from None
         raise
     return path
 
