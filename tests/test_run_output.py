@@ -102,7 +102,6 @@ def test_kfp_local_failure_tail_path_and_verbose(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"^\[data no-such-data\] .*\[KFP Executor .*Looking for component `prepare_data`", printed,
                      flags=re.M)
-    assert re.search(r"^\[open-tracking\] .*KFP Executor", printed, flags=re.M)
 
 
 class _Terminal(io.StringIO):
