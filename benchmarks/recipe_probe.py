@@ -31,14 +31,15 @@ from PIL import Image
 
 from alignlab.config import load_config
 from alignlab.data.synth.captions import CLASS_TEMPLATES
+from alignlab.data.transforms import CLIP_MEAN, CLIP_STD
 from alignlab.evaluate.datasets import load_class_folders
 from alignlab.evaluate.zeroshot import zero_shot_classifier, zero_shot_metrics
 from alignlab.training import builders
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
 from alignlab.training.trainer import mean_pairwise_cosine
 
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)  # the project's eval transform normalises with these
+STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:

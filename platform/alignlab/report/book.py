@@ -24,8 +24,6 @@ from pathlib import Path
 from alignlab.ablation import AblationSpec, PaperClaim
 from alignlab.report.aggregate import MIN_SEEDS, ReportTable, build_report
 
-VERDICTS = ("reproduces", "does not reproduce", "inconclusive at this scale", "not run")
-
 
 @dataclass(frozen=True)
 class Verdict:

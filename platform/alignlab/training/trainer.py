@@ -264,6 +264,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         loader = loader_for_sampler(dataset, sampler, num_workers=cfg.data.num_workers)
         for images, tokens, indices in loader:
             tic = time.perf_counter()
+            duplicates = duplicate_fraction(tokens)  # on the loader's CPU tensor: no device sync
             images, tokens = images.to(dist.device, non_blocking=True), tokens.to(dist.device, non_blocking=True)
             locked = builders.image_tower_locked_at(image_cfg, step, total_steps)
             if locked != raw_model.image_tower_locked:
@@ -296,7 +297,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 epoch, batch_in_epoch = epoch + 1, 0
 
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                      "step_time": time.perf_counter() - tic, "data/duplicate_caption_frac": duplicate_fraction(tokens)}
+                      "step_time": time.perf_counter() - tic, "data/duplicate_caption_frac": duplicates}
             if image_cfg.mode == "ft_delay":
                 record["image_tower_locked"] = float(locked)
             if tcfg.skip_nonfinite_steps:
