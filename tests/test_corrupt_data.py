@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -128,11 +127,6 @@ def planted(tmp_path_factory) -> dict:
 
 def _records(records: list[dict]) -> set[tuple[str, str, str]]:
     return {(Path(r["shard"]).name, r["key"], r["reason"]) for r in records}
-
-
-def test_planted_corruption_covers_the_issue():
-    kinds = Counter(reason for _, reason, _, _ in PLANTED.values())
-    assert sum(count for count, *_ in PLANTED.values()) + 2 >= 200 and len(PLANTED) + 3 >= 8, kinds
 
 
 def test_index_leaves_out_what_headers_show_and_reads_fail_for_the_rest(planted):
