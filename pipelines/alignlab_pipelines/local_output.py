@@ -88,15 +88,15 @@ def capture_task_output(console: TaskConsole):
     """While the block runs kfp's local runner: one task line per state on `console`, each task's output in
     its log, kfp's own messages in <log_dir>/pipeline.log. Yields that pipeline log."""
     original = getattr(task_dispatcher, HOOKED, None)
-    parameters = inspect.signature(original).parameters if callable(original) else {}
-    if not {"component_name", "arguments"} <= set(parameters):
+    signature = inspect.signature(original) if callable(original) else None
+    if signature is None or not {"component_name", "arguments"} <= set(signature.parameters):
         raise RuntimeError(f"kfp.local.task_dispatcher.{HOOKED}(component_name, arguments, ...) is not in the "
                            f"installed kfp; alignlab_pipelines/local_output.py follows kfp 2.16 and needs updating")
     pipeline_log = console.open_log("pipeline")
     router = _ThreadRoutedStdout(console, pipeline_log)
 
     def run_task(*args, **kwargs):
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         task = console.start(task_label(bound.arguments["component_name"], bound.arguments["arguments"]))
         router.local.task = task
         ok = False

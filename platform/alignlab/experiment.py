@@ -96,7 +96,6 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     return evaluate_checkpoint_model(cfg, model, tokenizer, Path(out_dir))
 
 
-MLFLOW_RUN_FILE = RUN_ID_FILE  # in each run folder: the id of the run's MLflow run
 TAG_FAILURE = "alignlab.failure"  # why a run ended FAILED / KILLED, one line
 TAG_CONFIG_CHANGED = "alignlab.config_changed"  # a resume continued with a changed config (what, from which step)
 
@@ -403,7 +402,7 @@ def gate_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print):
                           f"MLflow runs; enable tracking")
     run_ids = []
     for plan in plans:
-        path = plan.run_dir / MLFLOW_RUN_FILE
+        path = plan.run_dir / RUN_ID_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: run {plan.run_name} was not tracked in MLflow, so the "
                                     f"gate has nothing to compare (re-run it with tracking enabled)")

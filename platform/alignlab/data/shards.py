@@ -203,7 +203,7 @@ class WebDatasetIndex:
             for sample in samples:
                 problem = header_problem(sample, max_caption_bytes)
                 if problem is not None:
-                    self.skipped.append({"shard": path, "key": sample.key, "reason": problem[0], "detail": problem[1]})
+                    self.skipped.append(CorruptSampleError(problem[0], path, sample.key, problem[1]).record)
                     continue
                 image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in sample.members)
                 located = [sample.members[image_ext], sample.members["txt"], sample.members.get("json")]

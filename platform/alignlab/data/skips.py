@@ -25,6 +25,8 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+from alignlab.storage.local import write_atomically
+
 log = logging.getLogger(__name__)
 
 # Why a training sample was skipped; the keys of skips.json's "counts" (and of data/skipped/<reason>).
@@ -137,10 +139,7 @@ class SkipTracker:
     def update(self) -> dict:
         report = skip_report(self.name, self.num_indexed, self.scanned, self.log.read(), self.truncated)
         if self.write:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, indent=1))
-            tmp.replace(self.path)
+            write_atomically(self.path, [json.dumps(report, indent=1).encode()])
         check_skip_fraction(report, self.max_fraction)
         return report
 

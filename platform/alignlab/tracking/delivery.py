@@ -54,9 +54,9 @@ class BackgroundSender:
     """Delivers one tracker's records in order from a daemon thread; spools them while the store is down."""
 
     def __init__(self, delivery: Delivery, spool: Spool, *, queue_size: int = 10_000,
-                 notify: Callable[[str], None] = warn):
+                 notify: Callable[[str], None] = warn, exit_timeout_s: float = 10.0):
         self.delivery, self.spool, self.notify = delivery, spool, notify
-        self.queue_size = queue_size
+        self.queue_size, self.exit_timeout_s = queue_size, exit_timeout_s  # exit_timeout_s: at interpreter exit
         self._cond = threading.Condition()  # guards _buffer, _in_flight, _closing
         self._buffer: deque = deque()
         self._in_flight: list[dict] = []
@@ -246,6 +246,6 @@ _open_senders: "weakref.WeakSet[BackgroundSender]" = weakref.WeakSet()
 def _close_open_senders() -> None:
     """At interpreter exit: deliver (bounded) or spool what open trackers still hold."""
     for sender in list(_open_senders):
-        if not sender.close(timeout=getattr(sender, "exit_timeout_s", 10.0)):
+        if not sender.close(timeout=sender.exit_timeout_s):
             sender.notify(f"tracking records not delivered to MLflow at {sender.delivery.uri} are kept in "
                           f"{sender.spool.path}; send them with: alignlab tracking replay {sender.spool.folder}")

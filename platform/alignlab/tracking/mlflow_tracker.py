@@ -189,8 +189,8 @@ class RunTracker:
         if spool_dir is not None:  # a run folder: record its run id (the sender rewrites a pending one)
             write_run_id(self.spool.folder, run_id)
         self._delivery = Delivery(client, uri)
-        self._sender = BackgroundSender(self._delivery, self.spool)
-        self._sender.exit_timeout_s = flush_timeout_s
+        self._sender = BackgroundSender(self._delivery, self.spool, exit_timeout_s=flush_timeout_s)
+        self._uri_redacted = redact(uri)  # goes with every record: redact once
 
     @property
     def run_id(self) -> str:
@@ -260,7 +260,7 @@ class RunTracker:
         return False
 
     def _submit(self, record: dict) -> None:
-        self._sender.submit({"run": self.run_id, "uri": redact(self.uri), **record})
+        self._sender.submit({"run": self.run_id, "uri": self._uri_redacted, **record})
 
     def _metric_key(self, name: str) -> tuple[str, bool]:
         """Sanitised key for `name` and whether its original name still has to be recorded as a tag."""

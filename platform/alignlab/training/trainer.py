@@ -302,8 +302,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 record["image_tower_locked"] = float(locked)
             if tcfg.skip_nonfinite_steps:
                 record["skipped_steps"] = float(guard.skipped)
-            record |= {k: float(all_reduce_mean(v)) if isinstance(v, torch.Tensor) else float(v)
-                       for k, v in stats.items()}
+            tensors = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]  # one collective, one sync
+            if tensors:
+                means = all_reduce_mean(torch.stack([stats[k].detach().float() for k in tensors])).tolist()
+                record |= dict(zip(tensors, means))
+            record |= {k: float(v) for k, v in stats.items() if not isinstance(v, torch.Tensor)}
             history.append(record)
             _append_history(run_dir / "metrics.jsonl", record, dist.is_main)
             if step % tcfg.log_every == 0 or step == total_steps:
