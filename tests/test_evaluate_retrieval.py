@@ -206,3 +206,63 @@ def test_similarity_histograms_disjoint_distributions_have_zero_overlap(tmp_path
     images = torch.eye(4)
     stats = similarity_histograms(images, images, torch.arange(4), tmp_path / "h.png")
     assert stats["overlap"] == 0.0 and stats["positive_mean"] == 1.0 and stats["negative_mean"] == 0.0
+
+
+def brute_force_caption_match(images, texts, text_to_image, captions, ks=(1, 5, 10)):
+    """The caption-match view from its definition: a candidate is correct when its caption string equals the
+    query's (text->image: any caption of the image; image->text: any caption of the query image)."""
+    sims = (torch.as_tensor(images) @ torch.as_tensor(texts).T).tolist()
+    owner = [int(i) for i in text_to_image]
+    strings = [{captions[t] for t in range(len(owner)) if owner[t] == i} for i in range(len(sims))]
+    i2t = []
+    for i in range(len(sims)):
+        best = max(sims[i][t] for t in range(len(owner)) if captions[t] in strings[i])
+        i2t.append(1 + sum(s > best for s in sims[i]))
+    t2i = []
+    for t in range(len(owner)):
+        best = max(sims[i][t] for i in range(len(sims)) if captions[t] in strings[i])
+        t2i.append(1 + sum(sims[i][t] > best for i in range(len(sims))))
+    out = {}
+    for name, ranks in (("image_to_text_any", i2t), ("text_to_image_any", t2i)):
+        out.update({f"{name}_R@{k}": 100.0 * sum(r <= k for r in ranks) / len(ranks) for k in ks})
+        out[f"{name}_mean_rank"] = sum(ranks) / len(ranks)
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_caption_match_matches_brute_force_with_repeated_captions(chunk_size):
+    from alignlab.evaluate.retrieval import caption_match_metrics
+    g = torch.Generator().manual_seed(3)
+    owner = variable_captions(40, g, max_captions=3)
+    vocabulary = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("cube", "ball", "cone")]
+    captions = [vocabulary[int(torch.randint(len(vocabulary), (1,), generator=g))] for _ in owner]
+    images = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(len(owner), 8, generator=g), dim=-1)
+    got = caption_match_metrics(images, texts, owner, captions, chunk_size=chunk_size)
+    assert_close_dict(got, brute_force_caption_match(images, texts, owner, captions))
+
+
+def test_caption_match_counts_an_identical_caption_the_strict_view_rejects():
+    from alignlab.evaluate.retrieval import caption_match_metrics
+    # Caption 0 ("a red cube", image 0) is closest to image 1, which has the same caption string.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    texts = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [0.0, 1.0], [-1.0, 0.1]]), dim=-1)
+    owner, captions = [0, 1, 2], ["a red cube", "a red cube", "a blue ball"]
+    strict = retrieval_metrics(images, texts, owner, ks=(1,))
+    assert strict["text_to_image_R@1"] == pytest.approx(200 / 3)
+    matched = caption_match_metrics(images, texts, owner, captions, ks=(1,))
+    assert matched["text_to_image_any_R@1"] == 100.0
+    assert matched["image_to_text_any_R@1"] == 100.0  # image 0's best text is caption 1, the same string
+
+
+def test_caption_match_with_unique_captions_equals_strict_view():
+    from alignlab.evaluate.retrieval import caption_match_metrics
+    g = torch.Generator().manual_seed(5)
+    owner = variable_captions(30, g)
+    captions = [f"caption {t}" for t in range(len(owner))]
+    images = torch.nn.functional.normalize(torch.randn(30, 6, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(len(owner), 6, generator=g), dim=-1)
+    strict = retrieval_metrics(images, texts, owner)
+    matched = caption_match_metrics(images, texts, owner, captions)
+    for key, value in matched.items():
+        assert value == pytest.approx(strict[key.replace("_any", "")])

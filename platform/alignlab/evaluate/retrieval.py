@@ -1,4 +1,5 @@
-"""Image-text retrieval metrics: R@K, mean/median rank and the thesis' average median rank (SPEC section 5).
+"""Image-text retrieval metrics: R@K, mean/median rank, the caption-match view of templated captions and the
+thesis' average median rank (docs/methods.md, "Evaluation protocols").
 
 Rank convention, shared by every function in this file. A query's rank is 1-based and counts the
 candidates that beat its best positive:
@@ -128,6 +129,63 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks: Sequence
     for direction, rank in ranks.items():
         metrics[f"{direction}_mean_rank"] = float(rank.double().mean())
         metrics[f"{direction}_median_rank"] = _median(rank)
+    return metrics
+
+
+def padded_rows(rows: Sequence[Sequence[int]], device) -> Tensor:
+    """[len(rows), max row length] long tensor of the rows, padded with -1 (the positives format)."""
+    table = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = torch.as_tensor(sorted(row), dtype=torch.long)
+    return table.to(device)
+
+
+def same_caption_positives(captions: Sequence[str], text_to_image: Sequence[int],
+                           num_images: int) -> tuple[list[set[int]], list[set[int]]]:
+    """Positives when a caption string, not a pair id, decides a match.
+
+    Templated captions repeat: the same string may describe several images, and the strict protocol counts
+    every other image with that exact caption as a negative, which caps text->image R@1. Here caption t's
+    positives are every image that has a caption identical to t, and image i's positives are every caption
+    identical to one of i's captions. Returns (image positives per caption, caption positives per image).
+    """
+    if len(captions) != len(text_to_image):
+        raise ValueError(f"{len(captions)} captions but {len(text_to_image)} text_to_image entries")
+    images_of: dict[str, set[int]] = {}
+    texts_of: dict[str, set[int]] = {}
+    for t, (caption, image) in enumerate(zip(captions, text_to_image)):
+        images_of.setdefault(caption, set()).add(int(image))
+        texts_of.setdefault(caption, set()).add(t)
+    strings_of_image: list[set[str]] = [set() for _ in range(num_images)]
+    for caption, image in zip(captions, text_to_image):
+        strings_of_image[int(image)].add(caption)
+    text_positives = [images_of[caption] for caption in captions]
+    image_positives = [set().union(*(texts_of[c] for c in strings)) for strings in strings_of_image]
+    return text_positives, image_positives
+
+
+def caption_match_metrics(image_features, text_features, text_to_image, captions: Sequence[str],
+                          ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """R@K and mean rank where any item with an identical caption string counts as correct
+    (`same_caption_positives`): the retrieval view with headroom on templated captions. Keys are those of
+    `retrieval_metrics` with `_any` after the direction, e.g. `text_to_image_any_R@1`; ranks are those of the
+    best positive, ties optimistic, as in the module docstring.
+    """
+    image_features = as_feature_matrix(image_features, "image_features")
+    text_features = as_feature_matrix(text_features, "text_features").to(image_features)
+    num_images = image_features.shape[0]
+    index = as_text_to_image(text_to_image, num_images, text_features.shape[0], image_features.device)
+    caption_table(index, num_images)  # every image needs a caption, as in retrieval_metrics
+    text_positives, image_positives = same_caption_positives(list(captions), index.tolist(), num_images)
+    ranks = {
+        "image_to_text_any": query_ranks(image_features, text_features,
+                                         padded_rows(image_positives, image_features.device), chunk_size),
+        "text_to_image_any": query_ranks(text_features, image_features,
+                                         padded_rows(text_positives, image_features.device), chunk_size),
+    }
+    metrics = {f"{direction}_R@{k}": 100.0 * float((rank <= k).double().mean())
+               for direction, rank in ranks.items() for k in ks}
+    metrics.update({f"{direction}_mean_rank": float(rank.double().mean()) for direction, rank in ranks.items()})
     return metrics
 
 
