@@ -279,6 +279,8 @@ class TrainConfig(_Strict):
     warmup: float = Field(0.05, ge=0, description="Warm-up: a fraction of all steps if < 1, else a step count.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    optimizer_impl: Literal["fused", "foreach", "for_loop"] = Field(
+        "fused", description="AdamW kernel: fused (one kernel, fastest), foreach, or the per-tensor for_loop.")
     precision: Literal["auto", "fp32", "amp_fp16", "amp_bf16"] = "auto"
     accumulation_steps: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)

@@ -53,10 +53,21 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]
     return groups
 
 
+# How AdamW walks the parameters. "fused" is one kernel over all tensors (CPU and CUDA): measured 5.7x / 4.5x
+# faster than the per-tensor loop on the tiny / tiny-resnet presets (benchmarks/optimizer_impl.py); the loop
+# is what torch picks on the CPU when not told.
+OPTIMIZER_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
+
 def build_optimizer(model: nn.Module, no_decay_names: set[str], *, lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float, rules: tuple[GroupRule, ...] = ()) -> torch.optim.AdamW:
+                    betas: tuple[float, float], eps: float, rules: tuple[GroupRule, ...] = (),
+                    impl: str = "fused") -> torch.optim.AdamW:
+    """AdamW over `param_groups`; `impl` is a key of OPTIMIZER_IMPLS (same update, different kernels:
+    results agree to float rounding, not bit for bit, so a resumed run keeps its impl)."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl {impl!r} is not one of {sorted(OPTIMIZER_IMPLS)}")
     groups = param_groups(model, weight_decay, no_decay_names, rules, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **OPTIMIZER_IMPLS[impl])
 
 
 def warmup_steps_for(warmup: float, total_steps: int) -> int:

@@ -188,7 +188,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     raw_model.set_image_tower_locked(image_cfg.mode == "locked")  # LiT: its parameters stay out of the optimizer
     optimizer = build_optimizer(raw_model, raw_model.no_weight_decay_param_names(), lr=tcfg.lr,
                                 weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas), eps=tcfg.eps,
-                                rules=builders.param_group_rules(cfg))
+                                rules=builders.param_group_rules(cfg), impl=tcfg.optimizer_impl)
     scheduler = build_scheduler(optimizer, warmup_steps_for(tcfg.warmup, total_steps), total_steps,
                                 tcfg.min_lr_ratio)
     precision, autocast = _autocast(tcfg.precision, dist.device)
