@@ -141,3 +141,32 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         assert torch.equal(result["mask_rows_local"], masks[rank])
         assert torch.equal(result["mask_cols_local"], torch.cat(masks))
         assert result["row_offset_local"] == rank * n
+
+
+def _forward_matmuls(fn) -> int:
+    """aten matrix products run by `fn()` (forward only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_each_loss_multiplies_the_similarity_matrix_once_when_rows_are_columns():
+    from alignlab.losses.hn_nce import hn_nce_loss
+    from alignlab.losses.psd import psd_loss
+
+    v = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1).requires_grad_()
+    t = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1).requires_grad_()
+    aligned = torch.arange(16) < 8
+    assert _forward_matmuls(lambda: clip_loss(v, t, 10.0)) == 1
+    assert _forward_matmuls(lambda: hn_nce_loss(v, t, 10.0, alpha=1.0, beta=0.25)) == 1
+    assert _forward_matmuls(lambda: psd_loss(v, t, 10.0, alpha=0.5, aligned_mask=aligned)) == 1

@@ -27,5 +27,6 @@ def clip_loss(
     batch = gather_features(image_features, text_features, distributed)
     labels = batch.positive_columns()
     logits_image_to_text = logit_scale * batch.image_rows @ batch.text_cols.T
-    logits_text_to_image = logit_scale * batch.text_rows @ batch.image_cols.T
+    # One matmul when rows are the columns: T V^T is then (V T^T)^T.
+    logits_text_to_image = logits_image_to_text.T if batch.square else logit_scale * batch.text_rows @ batch.image_cols.T
     return (F.cross_entropy(logits_image_to_text, labels) + F.cross_entropy(logits_text_to_image, labels)) / 2

@@ -72,7 +72,7 @@ def distribution_distill_loss(
     teacher_cols = gather_column_values(teacher, distributed)
     labels = batch.positive_columns()
     logits_i2t = logit_scale * batch.image_rows @ batch.text_cols.T
-    logits_t2i = logit_scale * batch.text_rows @ batch.image_cols.T
+    logits_t2i = logits_i2t.T if batch.square else logit_scale * batch.text_rows @ batch.image_cols.T
     with torch.no_grad():
         soft_i2t = F.softmax(teacher_rows.float() @ batch.text_cols.float().T / temperature, dim=-1)
         soft_t2i = F.softmax(batch.text_rows.float() @ teacher_cols.float().T / temperature, dim=-1)

@@ -35,6 +35,12 @@ class LossBatch:
     text_cols: torch.Tensor
     row_offset: int
 
+    @property
+    def square(self) -> bool:
+        """Rows are the columns (no distribution, or global mode): T V^T is then the transpose of V T^T and
+        needs no matmul of its own."""
+        return self.image_rows is self.image_cols and self.text_rows is self.text_cols
+
     def positive_columns(self) -> torch.Tensor:
         """Column index of each row's positive pair, as InfoNCE labels."""
         return torch.arange(self.image_rows.shape[0], device=self.image_rows.device) + self.row_offset

@@ -6,12 +6,15 @@ import torch
 
 
 def similarities(image_rows, text_cols, text_rows, image_cols, dtype) -> torch.Tensor:
-    """[2, n, N]: V T^T (image -> text) and T V^T (text -> image; not the transpose of the first in local
-    mode), multiplied into one buffer in the features' precision (out= matmuls are not autocast), then in
-    `dtype`."""
+    """[2, n, N]: V T^T (image -> text) and T V^T (text -> image; the transpose of the first unless in local
+    mode, where rows are this rank's and columns the global batch), multiplied into one buffer in the
+    features' precision (out= matmuls are not autocast), then in `dtype`."""
     sims = image_rows.new_empty((2, image_rows.shape[0], text_cols.shape[0]))
     torch.mm(image_rows, text_cols.T, out=sims[0])
-    torch.mm(text_rows, image_cols.T, out=sims[1])
+    if text_rows is text_cols and image_rows is image_cols:
+        sims[1].copy_(sims[0].T)  # rows are the columns: T V^T is (V T^T)^T, no second matmul
+    else:
+        torch.mm(text_rows, image_cols.T, out=sims[1])
     return sims.to(dtype)
 
 
