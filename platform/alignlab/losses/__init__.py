@@ -16,11 +16,22 @@ from alignlab.losses.distributed import (
     gather_row_values,
 )
 from alignlab.losses.hn_nce import hn_nce_loss
+from alignlab.losses.knowledge import (
+    contrastive_target_loss,
+    ctl_kd_loss,
+    multi_layer_clip_loss,
+    shre_kd_loss,
+    ssmke_mse_loss,
+)
+from alignlab.losses.memory_bank import TeacherMemoryBank
 from alignlab.losses.psd import psd_loss, psd_loss_terms
 
 __all__ = [
     "LossBatch",
+    "TeacherMemoryBank",
     "clip_loss",
+    "contrastive_target_loss",
+    "ctl_kd_loss",
     "distribution_distill_loss",
     "embedding_distill_loss",
     "gather_column_values",
@@ -28,8 +39,11 @@ __all__ = [
     "gather_row_values",
     "hn_nce_loss",
     "keep_top_k",
+    "multi_layer_clip_loss",
     "psd_loss",
     "psd_loss_terms",
+    "shre_kd_loss",
     "soft_target_cross_entropy",
+    "ssmke_mse_loss",
     "topk_distribution",
 ]
