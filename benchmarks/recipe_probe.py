@@ -61,15 +61,27 @@ def _decode(root: str, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
 
 
+def _image_features(model, root, task: str, split: str, size: int):
+    paths, labels, classnames, _ = load_class_folders(root / "classification" / task, split)
+    x = _normalise(torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((size, size))))
+                                .permute(2, 0, 1) for p in paths]))
+    return torch.cat([model.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)]), labels, classnames
+
+
 def _zero_shot(model, tokenizer, root, size) -> dict[str, float]:
+    """Zero-shot top-1 per task, and for shape a logistic-regression probe on the frozen image features
+    (train split -> test split): whether the image features carry shape at all, text side aside."""
+    from sklearn.linear_model import LogisticRegression
+
     out = {}
     for task in ("color", "shape", "shape_color"):
-        paths, labels, classnames, _ = load_class_folders(root / "classification" / task, "test")
-        x = _normalise(torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((size, size))))
-                                    .permute(2, 0, 1) for p in paths]))
-        features = torch.cat([model.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
+        features, labels, classnames = _image_features(model, root, task, "test", size)
         classifier = zero_shot_classifier(model.encode_text, tokenizer, classnames, CLASS_TEMPLATES[task])
         out[f"zeroshot/{task}/top1"] = round(zero_shot_metrics(features, classifier, labels)["top1"], 1)
+    train_x, train_y, _ = _image_features(model, root, "shape", "train", size)
+    test_x, test_y, _ = _image_features(model, root, "shape", "test", size)
+    probe = LogisticRegression(C=10.0, max_iter=1000).fit(train_x.numpy(), np.asarray(train_y))
+    out["probe/shape/top1"] = round(100.0 * probe.score(test_x.numpy(), np.asarray(test_y)), 1)
     return out
 
 
