@@ -1,0 +1,112 @@
+"""The thesis' student (docs/methods.md, "Thesis methods"; thesis sections 3.2.1-3.2.3): an image tower and a
+text tower of the same width, optional token-type embeddings, and one shared module applied to each
+modality separately: the SHRe MLP on the pooled vectors, or a shared Transformer block on the token
+sequences.
+
+`forward(images, tokens)` returns what the thesis' losses need:
+- `layers`: the L2-normalised (image, text) vectors of every layer a contrastive loss uses (h', h'', h''' for
+  the MLP; h', h'' for the block), with `logit_scales` [L], one learnable, clamped scale per layer;
+- `image_head`, `text_head`: the raw h''' outputs, for the KD losses (teacher logits or CLS);
+- `image_features`, `text_features`, `logit_scale`: the retrieval / zero-shot vector (h''' for the MLP, h''
+  for the block by default: `retrieval_layer`) in the names the rest of the platform reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.shared_encoder import TTE_MODES, SharedBlock, SharedMLP, TokenTypeEmbedding
+
+SHARED_KINDS = ("mlp", "block")
+LAYERS = {"mlp": ("h1", "h2", "h3"), "block": ("h1", "h2")}
+
+
+def token_sequence(tower: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [B, L, D], keep [B, L] bool) of a tower, the CLS / start token at position 0.
+
+    Image towers: timm's `forward_features` (ViT-like models return [B, tokens, D]; a CNN's feature map has
+    no CLS token and is refused). Text towers: `forward_tokens` of the in-house transformer, or the
+    transformers encoder's last hidden state; pad positions are not kept.
+    """
+    if hasattr(tower, "pad_id") and hasattr(tower, "model") and hasattr(tower.model, "config"):  # HFTextTower
+        keep = inputs != tower.pad_id
+        return tower.model(input_ids=inputs, attention_mask=keep.long()).last_hidden_state, keep
+    if hasattr(tower, "forward_tokens"):  # TextTransformer
+        return tower.forward_tokens(inputs), inputs != tower.pad_id
+    hidden = tower.model.forward_features(inputs)
+    if hidden.ndim != 3:
+        raise ValueError(f"a shared Transformer block needs a token sequence from the image tower; "
+                         f"{type(tower.model).__name__} gives shape {tuple(hidden.shape)}: use a ViT-like tower")
+    return hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
+
+class ThesisStudent(nn.Module):
+    """Image tower + text tower + token-type embeddings + one shared module (see the module docstring)."""
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, *, shared: str = "mlp", out_dim: int,
+                 heads: int = 12, tte: str = "none", retrieval_layer: str | None = None,
+                 block_options: dict | None = None, init_logit_scale: float = 1 / 0.07,
+                 max_logit_scale: float = 100.0):
+        super().__init__()
+        if shared not in SHARED_KINDS:
+            raise ValueError(f"shared encoder {shared!r} is not one of {SHARED_KINDS}")
+        if tte not in TTE_MODES:
+            raise ValueError(f"token-type embedding mode={tte!r} is not one of {TTE_MODES}")
+        width = image_tower.num_features
+        if text_tower.num_features != width:
+            raise ValueError(f"the shared encoder needs towers of one width: image {width}, text "
+                             f"{text_tower.num_features}")
+        self.layer_names = LAYERS[shared]
+        retrieval_layer = retrieval_layer or ("h3" if shared == "mlp" else "h2")
+        if retrieval_layer not in self.layer_names + ("h3",):
+            raise ValueError(f"retrieval_layer={retrieval_layer!r} is not one of {self.layer_names + ('h3',)}")
+        self.image_tower, self.text_tower = image_tower, text_tower
+        self.shared_kind, self.retrieval_layer, self.max_logit_scale = shared, retrieval_layer, max_logit_scale
+        self.shared = (SharedMLP(width, out_dim) if shared == "mlp"
+                       else SharedBlock(width, heads, out_dim, **(block_options or {})))
+        self.tte = TokenTypeEmbedding(width, mode=tte)
+        if tte == "before":
+            self._register_input_hooks()
+        self.logit_scales = nn.Parameter(torch.full((len(self.layer_names),), math.log(init_logit_scale)))
+
+    def _register_input_hooks(self) -> None:
+        """"before": add the modality vector to the encoders' input embeddings (VLMo style)."""
+        text_embedding = getattr(self.text_tower, "token_embedding", None)
+        image_entry = getattr(self.image_tower.model, "patch_embed", None)
+        if text_embedding is None or image_entry is None:
+            raise ValueError("tte='before' needs a ViT-like image tower and the in-house text transformer")
+        text_embedding.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("text"))
+        image_entry.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("image"))
+
+    def _encode(self, tower: nn.Module, inputs: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        if self.shared_kind == "mlp":
+            return self.shared(self.tte(tower(inputs), modality))
+        hidden, keep = token_sequence(tower, inputs)
+        return self.shared(self.tte(hidden, modality), keep)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self._encode(self.image_tower, images, "image")[self.retrieval_layer]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self._encode(self.text_tower, tokens, "text")[self.retrieval_layer]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        image, text = self._encode(self.image_tower, images, "image"), self._encode(self.text_tower, tokens, "text")
+        scales = self.logit_scales.exp().clamp(max=self.max_logit_scale)
+        layers = [(F.normalize(image[name], dim=-1), F.normalize(text[name], dim=-1)) for name in self.layer_names]
+        retrieval_scale = (scales[self.layer_names.index(self.retrieval_layer)]
+                           if self.retrieval_layer in self.layer_names else scales[-1])
+        return {"layers": layers, "logit_scales": scales, "image_head": image["h3"], "text_head": text["h3"],
+                "image_features": F.normalize(image[self.retrieval_layer], dim=-1),
+                "text_features": F.normalize(text[self.retrieval_layer], dim=-1), "logit_scale": retrieval_scale}
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Each layer's log-scale clamped to [0, log(max_logit_scale)] after every step (thesis, open_clip)."""
+        self.logit_scales.clamp_(0, math.log(self.max_logit_scale))
