@@ -132,6 +132,26 @@ def _divisor_near(width: int, heads: int) -> int:
     return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - heads), d))
 
 
+class StudentConfig(_Strict):
+    """The thesis' student in place of the dual encoder's projections (docs/methods.md, "Thesis methods"): one
+    module shared by both modalities on towers of one width. Needs `distill.knowledge` for its KD loss."""
+
+    shared: Literal["mlp", "block"] = Field("mlp", description="SHRe MLP on the pooled vectors (Eq 43-44) or "
+                                            "one Transformer block on the token sequences (Eq 49-52).")
+    out_dim: int = Field(..., ge=1, description="Width of h3: the teacher's classes (SHRe) or the width of its "
+                         "CLS vector (S-SMKE, CTL).")
+    heads: int = Field(12, ge=1, description="Attention heads of the shared block.")
+    tte: Literal["none", "before", "after", "after_ls"] = Field("none", description="Token-type embeddings.")
+    retrieval_layer: Literal["h1", "h2", "h3"] | None = Field(
+        None, description="Vector for retrieval and zero-shot; null: h3 for the MLP, h2 for the block.")
+    ffn_inner_ln: bool = Field(False, description="Block: LayerNorm inside the FFN (the thesis' Eq 51; the "
+                               "released code has none).")
+    layerscale_init: float | None = Field(0.2, gt=0, description="Block: LayerScale on both branches (code: "
+                                          "0.2); null: none.")
+    h2_source: Literal["residual", "fc2"] = Field("residual", description="Block: h2 after the residual (code) "
+                                                  "or the raw FFN output (thesis).")
+
+
 class ModelConfig(_Strict):
     """A preset fills every field it names; fields given explicitly win over the preset."""
 
@@ -143,6 +163,8 @@ class ModelConfig(_Strict):
     init_logit_scale: float = Field(1 / 0.07, gt=0)
     max_logit_scale: float = Field(100.0, gt=0, le=1e38, description="Cap of the logit scale (<= float32's range).")
     grad_checkpointing: bool = False
+    student: StudentConfig | None = Field(None, description="The thesis' shared-encoder student instead of the "
+                                          "dual encoder's projections (embed_dim is then unused).")
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +251,27 @@ class DistributionDistillConfig(_Strict):
         "image projection (teacher width = image tower width), or as is (teacher width = model.embed_dim).")
 
 
+class KnowledgeConfig(_Strict):
+    """Knowledge extraction from the frozen teacher (the thesis; docs/methods.md): L = weight x L_KD + L_CL,
+    with L_CL InfoNCE on the student's layers. Needs `model.student`."""
+
+    kind: Literal["off", "shre", "ssmke", "ctl"] = Field(
+        "off", description="shre: KL on the teacher's logits (Eq 45-46); ssmke: MSE on its CLS (Eq 57); ctl: "
+        "contrastive target loss on its L2-normalised CLS (Eq 79-83).")
+    weight: float = Field(1.0, gt=0, description="Weight of L_KD.")
+    ctl_temperature: Literal["fixed", "none"] = Field(
+        "fixed", description="CTL logit scale: fixed 1/0.07 (the released code) or none, 1 (the literal Eq 83).")
+    bank_size: int = Field(0, ge=0, description="CTL: FIFO bank of past teacher vectors as extra negatives "
+                           "(Eq 84-85); 0: none.")
+    bank_init: Literal["empty", "random"] = Field("empty", description="Bank slots before they are written: "
+                                                  "left out (empty) or random unit vectors (the thesis code).")
+
+    @property
+    def target(self) -> str | None:
+        """The teacher target the KD loss reads."""
+        return {"off": None, "shre": "logits", "ssmke": "embedding", "ctl": "embedding"}[self.kind]
+
+
 class DistillConfig(_Strict):
     """Where teacher targets come from, and which distillation losses use them (SPEC 3.2, section 6).
 
@@ -246,6 +289,7 @@ class DistillConfig(_Strict):
     concepts: ConceptDistillConfig = Field(default_factory=ConceptDistillConfig)
     embedding: EmbeddingDistillConfig = Field(default_factory=EmbeddingDistillConfig)
     distribution: DistributionDistillConfig = Field(default_factory=DistributionDistillConfig)
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
 
     @model_validator(mode="after")
     def _sources(self) -> "DistillConfig":
@@ -260,12 +304,14 @@ class DistillConfig(_Strict):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.concepts.names) or self.embedding.enabled or self.distribution.enabled
+        return (bool(self.concepts.names) or self.embedding.enabled or self.distribution.enabled
+                or self.knowledge.kind != "off")
 
     def needed_targets(self) -> tuple[str, ...]:
         """The teacher targets the enabled losses read: concept names, and "embedding" for ED / DD."""
         embedding = ("embedding",) if self.embedding.enabled or self.distribution.enabled else ()
-        return self.concepts.names + embedding
+        knowledge = (self.knowledge.target,) if self.knowledge.target not in (None, *embedding) else ()
+        return self.concepts.names + embedding + knowledge
 
 
 class TrainConfig(_Strict):
@@ -355,6 +401,24 @@ class ExperimentConfig(_Strict):
         if self.distill.distribution.enabled and self.loss.name != "infonce":
             raise ValueError(f"distill.distribution mixes soft labels into InfoNCE, but loss.name={self.loss.name}: "
                              "set loss.name=infonce or distill.distribution.enabled=false")
+        return self
+
+    @model_validator(mode="after")
+    def _student_and_knowledge_go_together(self) -> "ExperimentConfig":
+        kd, student = self.distill.knowledge.kind, self.model.student
+        if kd != "off" and student is None:
+            raise ValueError(f"distill.knowledge.kind={kd} trains the thesis' student: set model.student "
+                             "(e.g. {shared: mlp, out_dim: <teacher classes or CLS width>})")
+        if student is not None:
+            others = [name for name, on in (("distill.concepts", bool(self.distill.concepts.names)),
+                                            ("distill.embedding", self.distill.embedding.enabled),
+                                            ("distill.distribution", self.distill.distribution.enabled),
+                                            (f"loss.name={self.loss.name}", self.loss.name != "infonce")) if on]
+            if others:
+                raise ValueError(f"model.student trains with multi-layer InfoNCE and distill.knowledge only; "
+                                 f"turn off {', '.join(others)}")
+            if self.train.accumulation_steps > 1:
+                raise ValueError("model.student does not support train.accumulation_steps > 1 yet: set it to 1")
         return self
 
 

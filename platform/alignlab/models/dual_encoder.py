@@ -17,7 +17,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class DualEncoder(nn.Module):
+class TowerPair(nn.Module):
+    """What the trainer needs of any model made of an `image_tower` and a `text_tower` (the dual encoder, the
+    thesis' student): LiT locking, gradient checkpointing, and which parameters take no weight decay."""
+
+    image_tower_locked = False
+
+    def set_image_tower_locked(self, locked: bool) -> None:
+        """Lock (LiT) or unlock the image tower: no gradient, and eval mode (norms, dropout) while locked."""
+        self.image_tower_locked = locked
+        self.image_tower.requires_grad_(not locked)
+        self.image_tower.train(self.training and not locked)
+
+    def train(self, mode: bool = True) -> "TowerPair":
+        super().train(mode)
+        if self.image_tower_locked:
+            self.image_tower.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
+    def no_weight_decay_param_names(self) -> set[str]:
+        """Names of parameters that take no weight decay: biases, norm scales and the logit scale (every
+        parameter with ndim <= 1), `nn.Embedding` tables, and what a submodule lists in `no_weight_decay()`
+        (timm convention: ViT pos_embed / cls_token, the text transformer's positional_embedding)."""
+        names = {name for name, param in self.named_parameters() if param.ndim <= 1}
+        for prefix, module in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            if isinstance(module, nn.Embedding):
+                names.add(f"{dot}weight")
+            if callable(getattr(module, "no_weight_decay", None)):
+                names.update(f"{dot}{name}" for name in module.no_weight_decay())
+        return names & {name for name, _ in self.named_parameters()}
+
+
+class DualEncoder(TowerPair):
     """`model(images, tokens) -> {"image_features", "text_features", "logit_scale"}` (docs/CONTRACT.md).
 
     Each tower is any module with `num_features` and `forward(x) -> [B, num_features]`. The projections have
@@ -49,7 +85,6 @@ class DualEncoder(nn.Module):
         nn.init.normal_(self.text_proj.weight, std=text_tower.num_features**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.heads = nn.ModuleDict()
-        self.image_tower_locked = False
 
     def add_heads(self, sizes: dict[str, int]) -> None:
         """Add a linear head `image embedding [B, embed_dim] -> [B, size]` per name (once per name)."""
@@ -57,18 +92,6 @@ class DualEncoder(nn.Module):
             if name in self.heads:
                 raise ValueError(f"the model already has a head named {name!r}")
             self.heads[name] = nn.Linear(self.embed_dim, size)
-
-    def set_image_tower_locked(self, locked: bool) -> None:
-        """Lock (LiT) or unlock the image tower: no gradient, and eval mode (norms, dropout) while locked."""
-        self.image_tower_locked = locked
-        self.image_tower.requires_grad_(not locked)
-        self.image_tower.train(self.training and not locked)
-
-    def train(self, mode: bool = True) -> "DualEncoder":
-        super().train(mode)
-        if self.image_tower_locked:
-            self.image_tower.eval()
-        return self
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.image_proj(self.image_tower(images))
@@ -105,20 +128,3 @@ class DualEncoder(nn.Module):
     def clamp_logit_scale_(self) -> None:
         """Clamp the log-space parameter to [0, log(max_logit_scale)] in place (open_clip's 0 <= log s)."""
         self.logit_scale.clamp_(0, math.log(self.max_logit_scale))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.image_tower.set_grad_checkpointing(enable)
-        self.text_tower.set_grad_checkpointing(enable)
-
-    def no_weight_decay_param_names(self) -> set[str]:
-        """Names of parameters that take no weight decay: biases, norm scales and the logit scale (every
-        parameter with ndim <= 1), `nn.Embedding` tables, and what a submodule lists in `no_weight_decay()`
-        (timm convention: ViT pos_embed / cls_token, the text transformer's positional_embedding)."""
-        names = {name for name, param in self.named_parameters() if param.ndim <= 1}
-        for prefix, module in self.named_modules():
-            dot = f"{prefix}." if prefix else ""
-            if isinstance(module, nn.Embedding):
-                names.add(f"{dot}weight")
-            if callable(getattr(module, "no_weight_decay", None)):
-                names.update(f"{dot}{name}" for name in module.no_weight_decay())
-        return names & {name for name, _ in self.named_parameters()}

@@ -8,7 +8,8 @@ sequences.
   the MLP; h', h'' for the block), with `logit_scales` [L], one learnable, clamped scale per layer;
 - `image_head`, `text_head`: the raw h''' outputs, for the KD losses (teacher logits or CLS);
 - `image_features`, `text_features`, `logit_scale`: the retrieval / zero-shot vector (h''' for the MLP, h''
-  for the block by default: `retrieval_layer`) in the names the rest of the platform reads.
+  for the block by default: `retrieval_layer`) in the names the rest of the platform reads;
+- `bank`: the teacher memory bank (`attach_bank`) for the contrastive target loss, or None.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab.models.dual_encoder import TowerPair
 from alignlab.models.shared_encoder import TTE_MODES, SharedBlock, SharedMLP, TokenTypeEmbedding
 
 SHARED_KINDS = ("mlp", "block")
@@ -44,7 +46,7 @@ def token_sequence(tower: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor
     return hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
 
 
-class ThesisStudent(nn.Module):
+class ThesisStudent(TowerPair):
     """Image tower + text tower + token-type embeddings + one shared module (see the module docstring)."""
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, *, shared: str = "mlp", out_dim: int,
@@ -72,6 +74,20 @@ class ThesisStudent(nn.Module):
         if tte == "before":
             self._register_input_hooks()
         self.logit_scales = nn.Parameter(torch.full((len(self.layer_names),), math.log(init_logit_scale)))
+        self.bank: nn.Module | None = None
+
+    def attach_bank(self, bank: nn.Module) -> None:
+        """Hold the contrastive target loss' teacher memory bank (`alignlab.losses.TeacherMemoryBank`) as a
+        submodule, so checkpoints carry its state and a resumed run continues with the same negatives."""
+        self.bank = bank
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As `nn.Module.load_state_dict`; a saved bank is dropped when this model has none (a model rebuilt
+        for evaluation from the config alone: the bank only serves training). Training attaches its bank
+        before it resumes."""
+        if self.bank is None:
+            state_dict = {key: value for key, value in state_dict.items() if not key.startswith("bank.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _register_input_hooks(self) -> None:
         """"before": add the modality vector to the encoders' input embeddings (VLMo style)."""
@@ -104,7 +120,8 @@ class ThesisStudent(nn.Module):
                            if self.retrieval_layer in self.layer_names else scales[-1])
         return {"layers": layers, "logit_scales": scales, "image_head": image["h3"], "text_head": text["h3"],
                 "image_features": F.normalize(image[self.retrieval_layer], dim=-1),
-                "text_features": F.normalize(text[self.retrieval_layer], dim=-1), "logit_scale": retrieval_scale}
+                "text_features": F.normalize(text[self.retrieval_layer], dim=-1), "logit_scale": retrieval_scale,
+                "bank": self.bank}
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

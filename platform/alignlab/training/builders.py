@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from alignlab.config import DataConfig, DistillConfig, ExperimentConfig, ImageTowerConfig, LossConfig, ModelConfig
+from alignlab.config import (ConfigError, DataConfig, DistillConfig, ExperimentConfig, ImageTowerConfig,
+                             KnowledgeConfig, LossConfig, ModelConfig)
 from alignlab.data.dataset import PairDataset, open_train_source
 from alignlab.data.shards import WebDatasetIndex
 from alignlab.data.skips import CorruptSampleError
@@ -19,6 +21,8 @@ from alignlab.data.tokenizers import build_tokenizer
 from alignlab.data.transforms import build_image_transform
 from alignlab import losses
 from alignlab.models import build_dual_encoder
+from alignlab.models.presets import build_image_tower, build_text_tower
+from alignlab.models.thesis_student import ThesisStudent
 from alignlab.training.optim import GroupRule
 from alignlab.training.psd_partition import aligned_mask, alpha_at
 from alignlab.training.teacher_targets import TeacherTargets, target_sizes
@@ -146,13 +150,17 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
         if (t.hf_name_or_path is None) == (t.hf_config is None):
             raise ValueError("model.text.kind=hf needs exactly one of model.text.hf_name_or_path or model.text.hf_config")
         text = {"kind": "hf", "source": t.hf_name_or_path or t.hf_config, "pool": t.pool}
-    net = build_dual_encoder(
-        embed_dim=model.embed_dim,
-        image=model.image.model_dump(include={"name", "pretrained", "kwargs"}),
-        text=text,
-        init_logit_scale=model.init_logit_scale,
-        max_logit_scale=model.max_logit_scale,
-    )
+    image = model.image.model_dump(include={"name", "pretrained", "kwargs"})
+    if model.student is not None:
+        s = model.student
+        net = ThesisStudent(build_image_tower(image), build_text_tower(text), shared=s.shared, out_dim=s.out_dim,
+                            heads=s.heads, tte=s.tte, retrieval_layer=s.retrieval_layer,
+                            block_options={"ffn_inner_ln": s.ffn_inner_ln, "layerscale_init": s.layerscale_init,
+                                           "h2_source": s.h2_source},
+                            init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
+    else:
+        net = build_dual_encoder(embed_dim=model.embed_dim, image=image, text=text,
+                                 init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
     if model.grad_checkpointing:
         net.set_grad_checkpointing(True)
     return net
@@ -176,6 +184,8 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
     scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (SPEC 3.2)
     join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
+    if distill is not None and distill.knowledge.kind != "off":
+        return _knowledge_extraction(distill.knowledge, mode)
     contrastive = _contrastive_loss(loss, mode, seed, distill or DistillConfig())
     if distill is None or not (distill.concepts.names or distill.embedding.enabled):
         return contrastive
@@ -192,6 +202,30 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
             terms["ed"] = e.weight * losses.embedding_distill_loss(outputs["head/ed_projection"], targets["embedding"])
         return terms, logs
     return with_distillation
+
+
+def _knowledge_extraction(k: KnowledgeConfig, mode: str):
+    """The thesis' objective: weight x L_KD + multi-layer InfoNCE (docs/methods.md, "Thesis methods"). CTL
+    pushes the batch's teacher vectors into the model's bank after using it (Eq 84-85)."""
+    ctl_scale = 1 / 0.07 if k.ctl_temperature == "fixed" else 1.0
+
+    def knowledge_extraction(outputs: dict, context: dict):
+        terms = {"contrastive": losses.multi_layer_clip_loss(outputs["layers"], outputs["logit_scales"], mode)}
+        target = context["targets"][k.target]
+        image, text = outputs["image_head"], outputs["text_head"]
+        if k.kind == "shre":
+            kd = losses.shre_kd_loss(image, text, target)
+        elif k.kind == "ssmke":
+            kd = losses.ssmke_mse_loss(image, text, target)
+        else:
+            teacher, bank = F.normalize(target, dim=-1), outputs.get("bank")
+            kd = losses.ctl_kd_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), teacher, ctl_scale,
+                                    bank=None if bank is None else bank.negatives(), distributed=mode)
+            if bank is not None:
+                bank.push(teacher, distributed=mode)
+        terms[f"kd_{k.kind}"] = k.weight * kd
+        return terms, {}
+    return knowledge_extraction
 
 
 def _contrastive_loss(loss: LossConfig, mode: str, seed: int, distill: DistillConfig):
@@ -249,7 +283,13 @@ def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, d
     cache, teacher = open_teacher_source(d, data_root, device, source=source, image_size=cfg.data.image_size,
                                          train=cfg.data.train)
     sizes = target_sizes(names, cache=cache, teacher=teacher, image_size=cfg.data.image_size, device=device)
-    model.add_heads({name: sizes[name] for name in d.concepts.names})
+    if cfg.model.student is not None:
+        _check_student_width(cfg, sizes)
+        if d.knowledge.kind == "ctl" and d.knowledge.bank_size:
+            model.attach_bank(losses.TeacherMemoryBank(d.knowledge.bank_size, sizes["embedding"],
+                                                       init=d.knowledge.bank_init, seed=cfg.seed))
+    else:
+        model.add_heads({name: sizes[name] for name in d.concepts.names})
     if d.embedding.enabled:
         model.add_heads({"ed_projection": sizes["embedding"]})
     project = None
@@ -257,6 +297,14 @@ def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, d
         project = _teacher_projection(d.distribution.teacher_projection, model, sizes["embedding"])
     return TeacherTargets(names, cache=cache, teacher=teacher, k=d.concepts.k, input_mean=CLIP_MEAN,
                           input_std=CLIP_STD, project=project)
+
+
+def _check_student_width(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
+    """Every KD loss compares h3 with the teacher's target itself (logits, or the CLS vector): one width."""
+    k, out_dim = cfg.distill.knowledge, cfg.model.student.out_dim
+    if sizes[k.target] != out_dim:
+        raise ConfigError(f"model.student.out_dim={out_dim} but the teacher's {k.target} has width "
+                          f"{sizes[k.target]}: set model.student.out_dim={sizes[k.target]}")
 
 
 def _teacher_projection(kind: str, model, width: int):
