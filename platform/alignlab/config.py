@@ -70,7 +70,9 @@ class DataConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    kind: Literal["clip_bpe", "wordpiece"] = "clip_bpe"
+    kind: Literal["clip_bpe", "wordpiece", "hf"] = Field(
+        "clip_bpe", description="hf: the vocabulary saved with a pretrained transformers text tower "
+        "(model.text.hf_name_or_path).")
     context_length: int = Field(77, ge=MIN_CONTEXT_LENGTH, description="Tokens per caption, start and end included.")
     vocab_file: str | None = None
     vocab_size: int = Field(30522, ge=16, description="Only for a WordPiece vocabulary trained on the captions.")
@@ -184,6 +186,21 @@ class ModelConfig(_Strict):
             image.pop("kwargs", None)  # another architecture: the preset's kwargs were written for its own
         fields = {"embed_dim": preset["embed_dim"], "image": image, "text": text, "tokenizer": tokenizer}
         return _deep_merge(fields, values)
+
+    @model_validator(mode="after")
+    def _tokenizer_matches_text_tower(self) -> "ModelConfig":
+        """A pretrained transformers text tower reads ids of its own vocabulary: CLIP BPE ids run past BERT's
+        30,522 rows, and a WordPiece vocabulary learned afresh numbers its tokens differently ([CLS] = 2 where
+        BERT's is 101), which would train silently on scrambled embeddings."""
+        pretrained_hf = self.text.kind == "hf" and self.text.hf_name_or_path is not None
+        if self.tokenizer.kind == "hf" and not pretrained_hf:
+            raise ValueError("model.tokenizer.kind=hf reads the vocabulary of model.text.hf_name_or_path: set "
+                             "model.text.kind=hf and model.text.hf_name_or_path, or choose wordpiece / clip_bpe")
+        if pretrained_hf and self.tokenizer.kind != "hf" and self.tokenizer.vocab_file is None:
+            raise ValueError(f"model.text.hf_name_or_path={self.text.hf_name_or_path} has its own vocabulary, but "
+                             f"model.tokenizer.kind={self.tokenizer.kind} would give other ids: set "
+                             "model.tokenizer.kind=hf (or model.tokenizer.vocab_file=<its vocab.txt>)")
+        return self
 
 
 class PSDConfig(_Strict):

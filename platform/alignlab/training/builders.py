@@ -56,6 +56,8 @@ def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, da
     """CLIP BPE, or WordPiece from a vocab file; without one, WordPiece is trained on the training
     captions once and its vocabulary kept next to the data (`wordpiece-<size>.txt`) for later runs."""
     tok = model.tokenizer
+    if tok.kind == "hf":
+        return _hf_tower_tokenizer(model.text.hf_name_or_path, tok.context_length)
     vocab_file = tok.vocab_file
     needs_local_root = (vocab_file is not None and not Path(vocab_file).is_absolute()) or (
         tok.kind == "wordpiece" and vocab_file is None)
@@ -76,6 +78,17 @@ def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, da
         vocab_file = str(cached)
     return build_tokenizer(tok.kind, context_length=tok.context_length, vocab_file=vocab_file,
                            vocab_size=tok.vocab_size, random_subsequence=tok.random_subsequence)
+
+
+def _hf_tower_tokenizer(source: str, context_length: int):
+    """WordPiece from the vocab.txt saved beside a transformers text tower (`save_pretrained` of the model
+    and its tokenizer); a hub name would need the network at run time, so it must be saved locally first."""
+    folder = Path(source)
+    vocab = folder / "vocab.txt"
+    if not vocab.is_file():
+        raise ConfigError(f"model.tokenizer.kind=hf needs {vocab}: save the tower's tokenizer next to it "
+                          "(tokenizer.save_pretrained(folder)); hub names are not downloaded at run time")
+    return build_tokenizer("wordpiece", context_length, vocab_file=vocab)
 
 
 def _training_captions(source) -> list[str]:
@@ -161,6 +174,10 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
     else:
         net = build_dual_encoder(embed_dim=model.embed_dim, image=image, text=text,
                                  init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
+    if t.kind == "hf" and tokenizer.vocab_size > net.text_tower.model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the text tower's embedding has "
+                          f"{net.text_tower.model.config.vocab_size} rows: use the tower's own vocabulary "
+                          "(model.tokenizer.kind=hf)")
     if model.grad_checkpointing:
         net.set_grad_checkpointing(True)
     return net
