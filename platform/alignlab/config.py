@@ -90,6 +90,9 @@ class ImageTowerConfig(_Strict):
     name: str = "vit_base_patch32_224"
     pretrained: bool | str = Field(False, description="False, True (timm hub weights) or a local checkpoint path.")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    blocks: int | None = Field(None, ge=1, description="Keep only this many transformer blocks of the checkpoint "
+                               "in `pretrained` (the thesis' student: 6 of 12).")
+    block_selection: Literal["first", "every_other"] = Field("first", description="Which blocks `blocks` keeps.")
     mode: Literal["train", "locked", "ft", "ft_delay"] = "train"
     lr_scale: float = Field(0.01, gt=0, description="ft / ft_delay: tower lr = train.lr x this (DiHT FT: 0.01).")
     delay: float = Field(0.5, gt=0, lt=1, description="ft_delay: fraction of all steps the tower stays locked.")
@@ -120,6 +123,9 @@ class TextTowerConfig(_Strict):
     causal: bool = True
     hf_name_or_path: str | None = Field(None, description="transformers model name or local directory (kind=hf).")
     hf_config: dict[str, Any] | None = Field(None, description="transformers config kwargs for a fresh model (kind=hf).")
+    hf_layers: int | None = Field(None, ge=1, description="kind=hf: keep only this many encoder layers (the "
+                                  "thesis' student: the first 6 of BERT's 12).")
+    hf_layer_selection: Literal["first", "every_other"] = Field("first", description="Which layers hf_layers keeps.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "TextTowerConfig":

@@ -61,10 +61,11 @@ def build_dual_encoder(
 
 
 def build_image_tower(image: dict[str, Any]) -> ImageTower:
-    _check_fields("image", image, {"name", "pretrained", "kwargs"})
+    _check_fields("image", image, {"name", "pretrained", "kwargs", "blocks", "block_selection"})
     if "name" not in image:
         raise ValueError("image needs a 'name' field: a timm model name such as 'vit_base_patch32_224'")
-    return ImageTower(image["name"], pretrained=image.get("pretrained", False), **image.get("kwargs", {}))
+    return ImageTower(image["name"], pretrained=image.get("pretrained", False), blocks=image.get("blocks"),
+                      block_selection=image.get("block_selection", "first"), **image.get("kwargs", {}))
 
 
 def build_text_tower(text: dict[str, Any]) -> nn.Module:

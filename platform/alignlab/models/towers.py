@@ -17,6 +17,31 @@ import torch
 from torch import nn
 
 TEXT_POOLS = ("first", "mean")
+LAYER_SELECTIONS = ("first", "every_other")
+
+
+def kept_layers(total: int, keep: int, selection: str) -> list[int]:
+    """Indices of the `keep` layers of a `total`-layer model a student starts from (the thesis, section
+    3.1.1.1: the first k, or every second one, i.e. layers 2, 4, ... counted from 1)."""
+    if selection not in LAYER_SELECTIONS:
+        raise ValueError(f"layer selection {selection!r} is not one of {LAYER_SELECTIONS}")
+    wanted = list(range(keep)) if selection == "first" else list(range(1, 2 * keep, 2))
+    if not 1 <= keep or wanted[-1] >= total:
+        raise ValueError(f"cannot keep {keep} layers ({selection}) of a {total}-layer checkpoint")
+    return wanted
+
+
+def select_blocks(state_dict: dict, keep: list[int], prefix: str = "blocks.") -> dict:
+    """A checkpoint with only blocks `keep` (renumbered 0, 1, ...) and every non-block entry."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) in keep:
+                out[f"{prefix}{keep.index(int(index))}.{rest}"] = value
+        else:
+            out[key] = value
+    return out
 
 
 class ImageTower(nn.Module):
@@ -28,16 +53,22 @@ class ImageTower(nn.Module):
     resampled to `img_size`), its classifier head is dropped, and every other key must match exactly.
     """
 
-    def __init__(self, name: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any):
+    def __init__(self, name: str, pretrained: bool | str | os.PathLike = False, blocks: int | None = None,
+                 block_selection: str = "first", **kwargs: Any):
         super().__init__()
         if not timm.is_model(name):
             raise ValueError(
                 f"image tower name={name!r} is not a timm model; list candidates with timm.list_models('*vit*')"
             )
         local_path = None if isinstance(pretrained, bool) else Path(pretrained)
+        if blocks is not None and pretrained is True:
+            raise ValueError("image tower blocks=N starts from a local checkpoint's blocks: give its path as "
+                             "pretrained (hub weights are not downloaded at run time)")
+        if blocks is not None:
+            kwargs = {**kwargs, "depth": blocks}
         self.model = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
         if local_path is not None:
-            load_timm_checkpoint(self.model, local_path)
+            load_timm_checkpoint(self.model, local_path, blocks=blocks, block_selection=block_selection)
 
     @property
     def num_features(self) -> int:
@@ -52,11 +83,16 @@ class ImageTower(nn.Module):
         return self.model(images)
 
 
-def load_timm_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a local checkpoint into a headless timm model; raise ValueError naming any key mismatch."""
+def load_timm_checkpoint(model: nn.Module, path: Path, blocks: int | None = None,
+                         block_selection: str = "first") -> None:
+    """Load a local checkpoint into a headless timm model; raise ValueError naming any key mismatch.
+    With `blocks`, only the first (or every other) `blocks` of the checkpoint's transformer blocks are kept."""
     if not path.is_file():
         raise FileNotFoundError(f"image tower checkpoint {path} does not exist; pass pretrained=False or a file")
     state_dict = timm.models.load_state_dict(str(path))
+    if blocks is not None:
+        total = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+        state_dict = select_blocks(state_dict, kept_layers(total, blocks, block_selection))
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
@@ -86,12 +122,18 @@ class HFTextTower(nn.Module):
     non-pad tokens. Attention ignores pad tokens (`tokens == config.pad_token_id`).
     """
 
-    def __init__(self, source: dict[str, Any] | str | os.PathLike, pool: str = "first"):
+    def __init__(self, source: dict[str, Any] | str | os.PathLike, pool: str = "first", layers: int | None = None,
+                 layer_selection: str = "first"):
         super().__init__()
         if pool not in TEXT_POOLS:
             raise ValueError(f"hf text pool={pool!r} is not one of {TEXT_POOLS}")
         self.pool = pool
         self.model = _load_hf_model(source)
+        if layers is not None:  # the thesis' student: the first (or every other) k layers of a pretrained BERT
+            encoder = self.model.encoder.layer
+            self.model.encoder.layer = nn.ModuleList(encoder[i] for i in kept_layers(len(encoder), layers,
+                                                                                      layer_selection))
+            self.model.config.num_hidden_layers = layers
         # The pooler (BERT's tanh head for next-sentence prediction) is not used by either pooling; left in,
         # its parameters would get no gradient and DDP would stop on them.
         if getattr(self.model, "pooler", None) is not None:

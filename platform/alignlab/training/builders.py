@@ -162,8 +162,9 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
     else:
         if (t.hf_name_or_path is None) == (t.hf_config is None):
             raise ValueError("model.text.kind=hf needs exactly one of model.text.hf_name_or_path or model.text.hf_config")
-        text = {"kind": "hf", "source": t.hf_name_or_path or t.hf_config, "pool": t.pool}
-    image = model.image.model_dump(include={"name", "pretrained", "kwargs"})
+        text = {"kind": "hf", "source": t.hf_name_or_path or t.hf_config, "pool": t.pool, "layers": t.hf_layers,
+                "layer_selection": t.hf_layer_selection}
+    image = model.image.model_dump(include={"name", "pretrained", "kwargs", "blocks", "block_selection"})
     if model.student is not None:
         s = model.student
         net = ThesisStudent(build_image_tower(image), build_text_tower(text), shared=s.shared, out_dim=s.out_dim,
