@@ -266,3 +266,14 @@ def test_caption_match_with_unique_captions_equals_strict_view():
     matched = caption_match_metrics(images, texts, owner, captions)
     for key, value in matched.items():
         assert value == pytest.approx(strict[key.replace("_any", "")])
+
+
+def test_average_recall_is_the_mean_of_the_six_recalls():
+    from alignlab.evaluate.retrieval import average_recall
+    g = torch.Generator().manual_seed(9)
+    owner = variable_captions(25, g)
+    images = torch.nn.functional.normalize(torch.randn(25, 6, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(len(owner), 6, generator=g), dim=-1)
+    reference = brute_force_metrics(images, texts, owner)
+    six = [reference[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+    assert average_recall(retrieval_metrics(images, texts, owner)) == pytest.approx(sum(six) / 6)

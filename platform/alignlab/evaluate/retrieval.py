@@ -132,6 +132,11 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks: Sequence
     return metrics
 
 
+def average_recall(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) -> float:
+    """The thesis' "Avg R": the mean of the six R@K of `retrieval_metrics` (both directions, K in ks)."""
+    return float(np.mean([metrics[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in ks]))
+
+
 def padded_rows(rows: Sequence[Sequence[int]], device) -> Tensor:
     """[len(rows), max row length] long tensor of the rows, padded with -1 (the positives format)."""
     table = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)

@@ -24,7 +24,8 @@ from torch import Tensor
 from alignlab.evaluate.datasets import load_class_folders, load_coco_captions
 from alignlab.evaluate.histograms import similarity_histograms
 from alignlab.evaluate.linear_probe import linear_probe
-from alignlab.evaluate.retrieval import average_median_rank, caption_match_metrics, retrieval_metrics
+from alignlab.evaluate.retrieval import (average_median_rank, average_recall, caption_match_metrics,
+                                         retrieval_metrics)
 from alignlab.evaluate.robustness import effective_robustness
 from alignlab.evaluate.zeroshot import zero_shot_classifier, zero_shot_metrics
 
@@ -65,6 +66,7 @@ def _retrieval_parts(model, tokenizer, image_transform, folder: Path, out_dir: P
     texts = encode_texts(model, tokenizer, captions, batch_size, device)
     metrics = retrieval_metrics(images, texts, text_to_image)
     metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2.0
+    metrics["avg_R"] = average_recall(metrics)
     metrics.update(caption_match_metrics(images, texts, text_to_image, captions))
     metrics.update(average_median_rank(images, texts, text_to_image))
     metrics.update(num_images=len(paths), num_captions=len(captions))
