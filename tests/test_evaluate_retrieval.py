@@ -129,13 +129,14 @@ def test_bad_features_raise():
         retrieval_metrics(torch.eye(2), torch.eye(2), [0, 1], chunk_size=0)
 
 
-def brute_force_amr(images, texts, owner, num_folds, fold_size, repeats, seed):
-    """The documented protocol written out with Python loops over full per-fold similarity matrices."""
+def brute_force_amr(images, texts, owner, num_folds, fold_size, repeats, seed, folds=None):
+    """The documented protocol written out with Python loops over full per-fold similarity matrices
+    (`folds`: the image indices of each fold, else the seeded permutation's)."""
     captions = [[t for t in range(len(owner)) if owner[t] == i] for i in range(len(images))]
     permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
-    if len(images) < fold_size:
+    if folds is None and len(images) < fold_size:
         folds = [permutation]
-    else:
+    elif folds is None:
         count = min(num_folds, len(images) // fold_size)
         folds = [permutation[f * fold_size:(f + 1) * fold_size] for f in range(count)]
     medians = {"image_to_text": [], "text_to_image": []}
@@ -277,3 +278,22 @@ def test_average_recall_is_the_mean_of_the_six_recalls():
     reference = brute_force_metrics(images, texts, owner)
     six = [reference[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     assert average_recall(retrieval_metrics(images, texts, owner)) == pytest.approx(sum(six) / 6)
+
+
+def test_amr_contiguous_folds_are_chunks_of_the_stored_order():
+    folds = amr_folds(2500, num_folds=5, fold_size=1000, seed=0, order="contiguous")
+    assert [f.tolist() for f in folds] == [list(range(0, 1000)), list(range(1000, 2000))]
+    g = torch.Generator().manual_seed(4)
+    images = torch.nn.functional.normalize(torch.randn(40, 6, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(40, 6, generator=g), dim=-1)
+    owner = torch.arange(40)
+    # One fold of all 40 images: contiguous and random folds hold the same images, so the same medians.
+    assert average_median_rank(images, texts, owner, fold_size=40, order="contiguous") == \
+        average_median_rank(images, texts, owner, fold_size=40, order="random")
+    # Two folds of 20: contiguous is the reference computed on the two halves by hand.
+    want = brute_force_amr(images, texts, owner.tolist(), num_folds=2, fold_size=20, repeats=1, seed=0,
+                           folds=[list(range(20)), list(range(20, 40))])
+    got = average_median_rank(images, texts, owner, num_folds=2, fold_size=20, repeats=1, order="contiguous")
+    assert got == pytest.approx(want)
+    with pytest.raises(ValueError, match="AMR fold order 'sorted'"):
+        amr_folds(10, 1, 10, 0, order="sorted")

@@ -378,6 +378,9 @@ class EvalConfig(_Strict):
         None, description="Inverse-regularisation grid searched on the val split (default 1e-6..1e6, 13 values).")
     shifts: list[str] = Field(default_factory=lambda: ["sketch", "texture", "clutter", "resample"])
     histogram: bool = True
+    amr_folds: Literal["random", "contiguous"] = Field(
+        "random", description="Average median rank folds: a seeded permutation, or contiguous chunks of the "
+        "stored order (the thesis' code).")
     few_shot: bool = Field(False, description="PGD few-shot probe curve (SPEC 3.4); minutes on a CPU.")
     few_shot_task: str = "shape_color"
     few_shot_ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])

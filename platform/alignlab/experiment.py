@@ -55,7 +55,8 @@ def evaluate_checkpoint_model(cfg: ExperimentConfig, model, tokenizer, out_dir: 
     data_root = builders.local_eval_root(builders.resolve_data_root(cfg.data))  # s3://: a local cached copy
     metrics = evaluate_model(model, tokenizer, eval_transform, data_root, out_dir, batch_size=e.batch_size,
                              device=device, tasks=tuple(e.zeroshot_tasks), linear_probe_task=e.linear_probe_task,
-                             shifts=tuple(e.shifts), histogram=e.histogram, linear_probe_cs=e.linear_probe_cs)
+                             shifts=tuple(e.shifts), histogram=e.histogram, linear_probe_cs=e.linear_probe_cs,
+                             amr_folds=e.amr_folds)
     if e.few_shot:
         from alignlab.evaluate.fewshot import evaluate_few_shot
 

@@ -194,13 +194,20 @@ def caption_match_metrics(image_features, text_features, text_to_image, captions
     return metrics
 
 
-def amr_folds(num_images: int, num_folds: int, fold_size: int, seed: int) -> list[Tensor]:
-    """Image indices of each AMR fold: a seeded permutation of the images cut into folds of fold_size.
+AMR_ORDERS = ("random", "contiguous")
+
+
+def amr_folds(num_images: int, num_folds: int, fold_size: int, seed: int, order: str = "random") -> list[Tensor]:
+    """Image indices of each AMR fold: the images cut into folds of fold_size, after a seeded permutation
+    ("random") or in their stored order ("contiguous": the thesis' code, chunks of the id-sorted images).
 
     With fewer than num_folds * fold_size images, floor(n / fold_size) folds are used (the remaining
     images are left out); with fewer than fold_size images, one fold holds every image.
     """
-    permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    if order not in AMR_ORDERS:
+        raise ValueError(f"AMR fold order {order!r} is not one of {AMR_ORDERS}")
+    permutation = (torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)) if order == "random"
+                   else torch.arange(num_images))
     if num_images < fold_size:
         return [permutation]
     folds = min(num_folds, num_images // fold_size)
@@ -208,7 +215,8 @@ def amr_folds(num_images: int, num_folds: int, fold_size: int, seed: int) -> lis
 
 
 def average_median_rank(image_features, text_features, text_to_image, num_folds: int = 5,
-                        fold_size: int = 1000, repeats: int = 5, seed: int = 0) -> dict[str, float]:
+                        fold_size: int = 1000, repeats: int = 5, seed: int = 0,
+                        order: str = "random") -> dict[str, float]:
     """Average median rank, the thesis' protocol after SHRe (SPEC section 5; thesis section 1.7.1 / Table 11).
 
     Images are split into folds (`amr_folds`: seeded permutation, floor(n / fold_size) folds, or one fold
@@ -230,7 +238,7 @@ def average_median_rank(image_features, text_features, text_to_image, num_folds:
     medians: dict[str, list[float]] = {"image_to_text": [], "text_to_image": []}
     for repeat in range(repeats):
         chosen = captions[torch.arange(num_images), repeat % counts]
-        for fold in amr_folds(num_images, num_folds, fold_size, seed):
+        for fold in amr_folds(num_images, num_folds, fold_size, seed, order):
             images = image_features[fold.to(image_features.device)]
             texts = text_features[chosen[fold].to(image_features.device)]
             diagonal = torch.arange(len(fold), device=image_features.device)[:, None]

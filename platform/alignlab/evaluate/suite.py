@@ -60,7 +60,7 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: i
 
 
 def _retrieval_parts(model, tokenizer, image_transform, folder: Path, out_dir: Path, batch_size, device,
-                     histogram: bool) -> dict[str, float]:
+                     histogram: bool, amr_folds: str = "random") -> dict[str, float]:
     paths, captions, text_to_image = load_coco_captions(folder / "images", folder / "captions.json")
     images = encode_images(model, paths, image_transform, batch_size, device)
     texts = encode_texts(model, tokenizer, captions, batch_size, device)
@@ -68,7 +68,7 @@ def _retrieval_parts(model, tokenizer, image_transform, folder: Path, out_dir: P
     metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2.0
     metrics["avg_R"] = average_recall(metrics)
     metrics.update(caption_match_metrics(images, texts, text_to_image, captions))
-    metrics.update(average_median_rank(images, texts, text_to_image))
+    metrics.update(average_median_rank(images, texts, text_to_image, order=amr_folds))
     metrics.update(num_images=len(paths), num_captions=len(captions))
     results = {f"retrieval/{key}": value for key, value in metrics.items()}
     if histogram:
@@ -122,7 +122,8 @@ def evaluate_model(model, tokenizer, image_transform, data_root, out_dir, batch_
                    device="cpu", tasks: Sequence[str] = ("shape", "color", "shape_color"),
                    linear_probe_task: str | None = "shape_color",
                    shifts: Sequence[str] = ("sketch", "texture", "clutter", "resample"),
-                   histogram: bool = True, linear_probe_cs: Sequence[float] | None = None) -> dict:
+                   histogram: bool = True, linear_probe_cs: Sequence[float] | None = None,
+                   amr_folds: str = "random") -> dict:
     """Run every evaluation part whose data exists; write `out_dir/eval.json` (and the histogram PNG).
 
     The model (CONTRACT.md: encode_image / encode_text) must already live on `device`; it is put in eval
@@ -155,7 +156,7 @@ def evaluate_model(model, tokenizer, image_transform, data_root, out_dir, batch_
         retrieval_dir = data_root / "retrieval" / "test"
         if retrieval_dir.is_dir():
             results.update(_retrieval_parts(model, tokenizer, image_transform, retrieval_dir, out_dir,
-                                            batch_size, device, histogram))
+                                            batch_size, device, histogram, amr_folds))
         else:
             skipped.append(f"retrieval, average median rank, similarity histogram: no folder {retrieval_dir}")
 
