@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from alignlab.models import data2vec2  # noqa: F401  (registers data2vec2_vit_base_patch16 with timm)
+
 TEXT_POOLS = ("first", "mean")
 LAYER_SELECTIONS = ("first", "every_other")
 
