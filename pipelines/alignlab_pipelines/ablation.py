@@ -36,7 +36,7 @@ from kfp import dsl, kubernetes
 
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import config_to_dict
-from alignlab.training import builders
+from alignlab.data.roots import resolve_data_root
 from alignlab_components.components import build_components
 from alignlab_pipelines.settings import PipelineSettings
 
@@ -64,10 +64,10 @@ def dataset_configs(plans: list[RunPlan], spec: AblationSpec | None = None) -> d
     steps. With `spec`, also the base config's dataset when a prepare step reads it through `{data_root}`."""
     by_root: dict[str, str] = {}
     for plan in plans:
-        by_root.setdefault(str(builders.resolve_data_root(plan.config.data)), _json(plan.config))
+        by_root.setdefault(str(resolve_data_root(plan.config.data)), _json(plan.config))
     if spec is not None and spec.prepare_data_config is not None:
         base = spec.prepare_data_config
-        by_root.setdefault(str(builders.resolve_data_root(base.data)), _json(base))
+        by_root.setdefault(str(resolve_data_root(base.data)), _json(base))
     return by_root
 
 

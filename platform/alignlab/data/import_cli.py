@@ -15,89 +15,61 @@ written, 1 when none was, 2 on bad input (a missing file, an existing output, a 
 
 import argparse
 import sys
-from pathlib import Path
 
-# The importers (PIL, storage) are imported inside run_import: add_import_arguments runs on every
-# `alignlab` invocation when the CLI wires it.
+from alignlab.data.import_settings import ImportSettings
+from alignlab.settings_cli import add_settings_arguments, settings_from_args
+
+# Per format: the ImportSettings fields it has no flag for, and the flag (or positional) that fills `sources`.
+_FORMATS = {
+    "coco": ("COCO captions JSON (+ optional Karpathy split file)", ("header", "image_column", "caption_column"),
+             "--annotations"),
+    "tsv": ("CC3M/CC12M-style TSV of (image file, caption)", ("karpathy", "split"), "tsv"),
+    "webdataset": ("webdataset / img2dataset tar shards (re-shard)",
+                   ("image_root", "karpathy", "split", "header", "image_column", "caption_column"), "shards"),
+    "jsonl": ("the thesis JSONL pair format", ("karpathy", "split", "header", "image_column", "caption_column"),
+              "jsonl"),
+}
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `alignlab data import {coco,tsv,webdataset,jsonl}` sub-commands to `parser`."""
-    sources = parser.add_subparsers(dest="source", required=True, metavar="{coco,tsv,webdataset,jsonl}")
-
-    def common(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--out", required=True, help="output folder or s3://bucket/prefix (must not hold a dataset)")
-        sub.add_argument("--shard-size", type=int, default=1000, help="pairs per tar shard (default 1000)")
-        return sub
-
-    coco = common(sources.add_parser("coco", help="COCO captions JSON (+ optional Karpathy split file)"))
-    coco.add_argument("--annotations", type=Path, help="COCO captions JSON (captions_*.json)")
-    coco.add_argument("--karpathy", type=Path, help="Karpathy split file (dataset_coco.json)")
-    coco.add_argument("--split", default="train,restval",
-                      help="Karpathy splits to import, comma-separated (default train,restval)")
-    coco.add_argument("--image-root", type=Path, help="folder the image paths are relative to "
-                                                      "(default: the JSON's folder)")
-
-    tsv = common(sources.add_parser("tsv", help="CC3M/CC12M-style TSV of (image file, caption)"))
-    tsv.add_argument("tsv", type=Path)
-    tsv.add_argument("--image-root", type=Path, help="folder the image paths are relative to (default: the TSV's)")
-    tsv.add_argument("--header", choices=("auto", "yes", "no"), default="auto", help="first row names the columns")
-    tsv.add_argument("--image-column", default="0", help="0-based index or header name (default 0)")
-    tsv.add_argument("--caption-column", default="1", help="0-based index or header name (default 1)")
-
-    wds = common(sources.add_parser("webdataset", help="webdataset / img2dataset tar shards (re-shard)"))
-    wds.add_argument("shards", nargs="+", help="folders, globs, brace patterns or s3:// URIs of .tar shards")
-
-    jsonl = common(sources.add_parser("jsonl", help="the thesis JSONL pair format"))
-    jsonl.add_argument("jsonl", type=Path)
-    jsonl.add_argument("--image-root", type=Path, help="folder the image paths are relative to (default: the JSONL's)")
+    """Add the `alignlab data import {coco,tsv,webdataset,jsonl}` sub-commands to `parser` (flags from
+    ImportSettings)."""
+    formats = parser.add_subparsers(dest="source", required=True, metavar="{coco,tsv,webdataset,jsonl}")
+    for name, (help_text, unused, source) in _FORMATS.items():
+        sub = formats.add_parser(name, help=help_text)
+        add_settings_arguments(sub, ImportSettings, skip=("format", "sources", *unused))
+        if source.startswith("--"):
+            sub.add_argument(source, dest="source_file", help="captions JSON (captions_*.json)")
+        elif name == "webdataset":
+            sub.add_argument(source, nargs="+", help="folders, globs, brace patterns or s3:// URIs of .tar shards")
+        else:
+            sub.add_argument(source, help=f"the {name.upper()} file")
     return parser
 
 
-def _candidates(args: argparse.Namespace) -> tuple:
-    """(candidate iterator, source description for the manifest, pairing note or None)."""
-    from alignlab.data import importers
-
-    info: dict = {"format": args.source}
-    if args.source == "coco":
-        splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
-        info |= {"annotations": _text(args.annotations), "karpathy": _text(args.karpathy),
-                 "image_root": _text(args.image_root), "splits": list(splits) if args.karpathy else None}
-        items = importers.coco_candidates(args.annotations, args.image_root, args.karpathy, splits, info=info)
-        return items, info, "one sample per (image, caption)"
-    if args.source == "tsv":
-        info |= {"tsv": str(args.tsv), "image_root": _text(args.image_root), "header": args.header,
-                 "image_column": args.image_column, "caption_column": args.caption_column}
-        return (importers.tsv_candidates(args.tsv, args.image_root, args.header, args.image_column,
-                                         args.caption_column), info, None)
-    if args.source == "webdataset":
-        info |= {"shards": list(args.shards)}
-        return importers.webdataset_candidates(args.shards), info, None
-    info |= {"jsonl": str(args.jsonl), "image_root": _text(args.image_root)}
-    return importers.jsonl_candidates(args.jsonl, args.image_root), info, "one sample per caption"
-
-
-def _text(value) -> str | None:
-    return None if value is None else str(value)
+def settings_from_import_args(args: argparse.Namespace) -> ImportSettings:
+    """The ImportSettings of parsed `add_import_arguments` options."""
+    given = getattr(args, "shards", None) or [getattr(args, key) for key in ("source_file", "tsv", "jsonl")
+                                               if getattr(args, key, None)]
+    source_flag = _FORMATS[args.source][2]
+    return settings_from_args(ImportSettings, args, format=args.source, sources=[str(g) for g in given],
+                              flags={"sources": source_flag})
 
 
 def run_import(args: argparse.Namespace) -> int:
     """Run the import for parsed `add_import_arguments` options; returns the exit status (module docstring)."""
-    from alignlab.data.importers import format_summary, import_dataset
+    from alignlab.data.importers import format_summary, import_source
 
-    if args.shard_size < 1:
-        print(f"alignlab data import: error: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
-        return 2
     try:
-        items, info, pairing = _candidates(args)
-        manifest = import_dataset(items, args.out, info, shard_size=args.shard_size, pairing=pairing)
+        settings = settings_from_import_args(args)
+        manifest = import_source(**settings.model_dump())
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"alignlab data import: error: {error}", file=sys.stderr)
         return 2
     print(format_summary(manifest))
     written = manifest["counts"]["train"]
-    print(f"[alignlab] {written} pair(s) in {manifest['counts']['train_shards']} shard(s) at {args.out} "
-          f"(dataset_hash {manifest['dataset_hash'][:12]}); skipped items and reasons: {args.out}/manifest.json")
+    print(f"[alignlab] {written} pair(s) in {manifest['counts']['train_shards']} shard(s) at {settings.out} "
+          f"(dataset_hash {manifest['dataset_hash'][:12]}); skipped items and reasons: {settings.out}/manifest.json")
     if not written:
         print("alignlab data import: error: no pair was written; see the skipped reasons above", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from alignlab.tracking import TAG_ARM, find_runs, resolve_tracking_uri, sanitise_metric_name
+from alignlab.tracking import TAG_ABLATION, TAG_ARM, find_runs, resolve_tracking_uri, sanitise_metric_name
 from alignlab.tracking.mlflow_tracker import _run_record  # one run by id, in find_runs' shape and names
 from alignlab.yaml12 import describe_yaml_error, load_yaml_text
 
@@ -375,3 +375,20 @@ def run_gate_values(tracking_uri: str | None, run_id: str,
         raise ValueError(f"run {run_id!r} not found in {uri}: {error}") from None
     record = _run_record(run)
     return record, _gate_values(client, record, step_medians)
+
+
+def gate_runs(tracking_uri: str | None, experiment: str, run_ids: list[str], config: GateConfig) -> GateResult:
+    """Gate each run against the earlier FINISHED runs of its (ablation, arm); returns the combined GateResult."""
+    results = []
+    for run_id in run_ids:
+        record, today = run_gate_values(tracking_uri, run_id)
+        if record["status"] != "FINISHED":
+            raise ValueError(f"run {run_id} is {record['status']}; the gate compares FINISHED runs only")
+        tags = record["tags"]
+        arm = tags.get(TAG_ARM, "")
+        filter_tags = {TAG_ABLATION: tags[TAG_ABLATION]} if TAG_ABLATION in tags else {}
+        history = history_from_mlflow(tracking_uri, experiment, filter_tags, arm=arm if arm else None,
+                                      started_before=record["start_time"])
+        results.append(evaluate_gate(today, history, config.rules, window=config.window,
+                                     repeat=config.repeat, arm=arm))
+    return combine_gates(results)

@@ -24,6 +24,7 @@ CONFIDENCE = 0.95
 EXACT_PERMUTATION_MAX_N = 16  # 2^16 sign patterns enumerated at most; Monte Carlo beyond
 PERMUTATION_RESAMPLES = 100_000
 PERMUTATION_SEED = 0
+MIN_SEEDS = 3  # fewer finished seeds than this: an arm (and its report) is preliminary
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,7 @@ def load_teacher(source: str, *, arch: str | None = None, kwargs: dict[str, Any]
                                 "nor an existing checkpoint file")
     if arch:
         return _timm_teacher(_timm_name(arch, source), kwargs, False, path, source=source, **overrides)
-    from alignlab.training.checkpoint import load_checkpoint
+    from alignlab.storage.torch_files import load_checkpoint
 
     state = load_checkpoint(path)  # weights-only: a teacher file from elsewhere cannot run code
     if isinstance(state, dict) and "model" in state and "config" in state:

@@ -38,6 +38,7 @@ from alignlab.data.skips import SkipTracker
 from alignlab.redaction import redact
 from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
+from alignlab.data.roots import resolve_data_root
 from alignlab.training.checkpoint import (
     atomic_torch_save,
     atomic_write_text,
@@ -166,7 +167,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     # ---- setup ---------------------------------------------------------------------------------
     torch.set_num_threads(compute_threads(tcfg.threads, cfg.data.num_workers))
     builders.seed_everything(cfg.seed)
-    data_root = builders.resolve_data_root(cfg.data)
+    data_root = resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
     raw_model = builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
