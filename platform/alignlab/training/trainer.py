@@ -66,7 +66,10 @@ ConfigChangeCallback = Callable[[int, list[ConfigChange]], None]
 
 
 @dataclass
-class TrainResult:
+class TrainerOutput:
+    """What `train` returns in its process: the full step history and the model (the run-level summary a
+    pipeline step hands on is `experiment.TrainOutcome`)."""
+
     steps: int
     history: list[dict] = field(default_factory=list)
     final_checkpoint: Path | None = None
@@ -94,7 +97,7 @@ def _micro_batches(tensors: tuple[torch.Tensor, ...], parts: int):
     return list(zip(*(t.chunk(parts) for t in tensors)))
 
 
-def train_step(model, loss_fn, images, tokens, context, *, accumulation: int, autocast, scaler) -> dict:
+def forward_backward(model, loss_fn, images, tokens, context, *, accumulation: int, autocast, scaler) -> dict:
     """Forward/backward for one optimizer step; returns the named loss terms (detached) and the logs."""
     if accumulation == 1:
         with autocast():
@@ -149,7 +152,7 @@ def duplicate_fraction(tokens: torch.Tensor) -> float:
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False,
           on_metrics: MetricsCallback | None = None, on_config_change: ConfigChangeCallback | None = None,
-          dist_info: DistInfo | None = None) -> TrainResult:
+          dist_info: DistInfo | None = None) -> TrainerOutput:
     """Train `cfg` into `run_dir` (config.yaml, metrics.jsonl, checkpoints/, final.pt).
 
     `resume`: continue from the newest checkpoint (from scratch when there is none); a config that differs
@@ -272,8 +275,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 raw_model.set_image_tower_locked(locked)  # FT-delay: the switch from LiT to FT
             context = {"indices": indices, "epoch": epoch, "step": step, "total_steps": total_steps,
                        "targets": teacher_targets(images, indices) if teacher_targets else {}}
-            stats = train_step(model, loss_fn, images, tokens, context, accumulation=tcfg.accumulation_steps,
-                               autocast=autocast, scaler=scaler)
+            stats = forward_backward(model, loss_fn, images, tokens, context,
+                                     accumulation=tcfg.accumulation_steps, autocast=autocast, scaler=scaler)
             grad_norm = None
             if tcfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
@@ -329,7 +332,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         final = atomic_torch_save({"model": raw_model.state_dict(), "config": redact(config_to_dict(cfg)),
                                    "step": step}, run_dir / "final.pt")
     barrier()
-    return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model,
+    return TrainerOutput(steps=step, history=history, final_checkpoint=final, model=raw_model,
                        config_changes=changes, skipped_steps=guard.skipped)
 
 
