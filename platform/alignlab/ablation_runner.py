@@ -11,13 +11,13 @@ from pathlib import Path
 
 from alignlab.ablation import AblationSpec, RunPlan, load_spec
 from alignlab.config import ConfigError
+from alignlab.data.roots import resolve_data_root
 from alignlab.experiment import ensure_dataset, run_experiment
 from alignlab.prepare import run_prepare
 from alignlab.redaction import redact
-from alignlab.report import build_report, write_report
-from alignlab.report.curves import plot_metric_curves
-from alignlab.tracking import RUN_ID_FILE
-from alignlab.data.roots import resolve_data_root
+
+# The report (scipy, matplotlib) and MLflow are imported inside the functions: a pipeline's report and gate
+# steps import this module in a fresh process each.
 
 
 def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
@@ -85,6 +85,9 @@ def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print)
     """Write runs/<ablation>/report.{md,csv,json} from the run folders and print the headline table; runs
     without results are listed in the report as missing. Holm's correction covers the spec's
     `report_metrics` (the questions the spec asks), over every arm."""
+    from alignlab.report import build_report, write_report
+    from alignlab.report.curves import plot_metric_curves
+
     records, missing = collect_records(plans)
     out_dir = ablation_dir(plans)
     if not records:
@@ -112,7 +115,7 @@ def gate_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print):
     if spec.gate is None:
         return None
     from alignlab.report.regression_gate import gate_runs, load_gate_config, write_gate_report
-    from alignlab.tracking import resolve_tracking_uri
+    from alignlab.tracking import RUN_ID_FILE, resolve_tracking_uri
 
     cfg = plans[0].config
     if not cfg.tracking.enabled:

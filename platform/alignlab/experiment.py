@@ -12,23 +12,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from alignlab.config import ConfigError, ExperimentConfig, config_to_dict
-from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
-from alignlab.data.synth import generate_synthcaps
-from alignlab.data.writer import manifest_dataset_hash
-from alignlab.tracking import RunTracker, flatten_params, git_commit, summarise_history
-from alignlab.training import builders
 from alignlab.data.roots import local_eval_root, resolve_data_root
-from alignlab.training.distributed import barrier, init_distributed
+from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
+from alignlab.data.writer import manifest_dataset_hash
 from alignlab.training.resume import CONFIG_HISTORY_FILE
-from alignlab.training.run_model import load_run_model
-from alignlab.training.trainer import train
+
+if TYPE_CHECKING:
+    from alignlab.tracking import RunTracker
+
+# torch, MLflow and the generator (PIL) are imported inside the functions that use them: every pipeline step
+# and `alignlab --help` import this module, and most of them need none of those.
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> Path | str:
     """The shared data step: generate SynthCaps if the config asks for it (reused when already there)."""
     root = resolve_data_root(cfg.data)
     if cfg.data.synth is not None:
+        from alignlab.data.synth import generate_synthcaps
+
         generate_synthcaps(root, cfg.data.synth, progress=True)
     elif not isinstance(root, str) and not root.exists():  # s3:// roots: checked when training opens the shards
         raise FileNotFoundError(f"data.root {root} does not exist: import a dataset there or set data.synth")
@@ -41,7 +45,9 @@ def dataset_hash(root: Path | str) -> str:
 
 
 def evaluate_trained_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Path) -> dict:
+    """The evaluation suite (cfg.eval) on a trained model in memory; returns the flat metrics."""
     from alignlab.evaluate import evaluate_model
+    from alignlab.training import builders
 
     _, eval_transform = builders.transforms_from_config(cfg.data)
     e = cfg.eval
@@ -66,6 +72,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     Same steps as `alignlab evaluate`: the config stored in the checkpoint rebuilds tokenizer and model;
     `data_root` evaluates on another dataset. Returns the suite's flat metrics (see `evaluate_model`)."""
     import torch
+
+    from alignlab.training.run_model import load_run_model
 
     path = Path(checkpoint)
     wanted = "`alignlab evaluate` wants a run's final.pt or checkpoints/step-*.pt"
@@ -109,6 +117,8 @@ def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *,
     under `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID, set by a pipeline's parent run)."""
     if not cfg.tracking.enabled:
         return None
+    from alignlab.tracking import RunTracker, flatten_params, git_commit
+
     tags = {"alignlab.ablation": ablation or cfg.name, "alignlab.arm": arm or cfg.name,
             "alignlab.seed": str(cfg.seed), "alignlab.git_commit": git_commit(),
             "alignlab.dataset_hash": dataset_hash(data_root), "alignlab.run_dir": str(Path(run_dir).resolve()),
@@ -137,6 +147,10 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
     metrics and summaries; the MLflow run stays open for `finish_run`. Under torchrun every rank calls this;
     only rank 0 writes and tracks. A resume with a changed config (`allow_config_change`) is tagged
     `alignlab.config_changed` in MLflow (the details are in the run folder's config_history.jsonl)."""
+    from alignlab.tracking import summarise_history
+    from alignlab.training.distributed import init_distributed
+    from alignlab.training.trainer import train
+
     run_dir = Path(run_dir)
     dist = dist or init_distributed()
     if dist.is_main and not resume:  # a fresh run: an earlier run's results must not pass for this one's
@@ -174,8 +188,10 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
     evaluation = {}
     if cfg.eval.enabled:
         if trained.model is not None:
+            from alignlab.training.builders import tokenizer_from_config
+
             data_root = resolve_data_root(cfg.data)
-            tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
+            tokenizer = tokenizer_from_config(cfg.model, cfg.data, data_root)
             suite = evaluate_trained_model(cfg, trained.model, tokenizer, run_dir / "eval")
         elif trained.final_checkpoint is not None:
             suite = evaluate_checkpoint(trained.final_checkpoint, run_dir / "eval")
@@ -223,6 +239,9 @@ def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, al
     `mlflow_run_id` the metrics go to that open run (the step that launched this job created it), which
     stays open (on failure it gets the `alignlab.failure` tag; the launching step ends it); without it nothing
     is tracked here."""
+    from alignlab.tracking import RunTracker
+    from alignlab.training.distributed import barrier, init_distributed
+
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:
@@ -265,6 +284,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
     """Train, evaluate and track one config; returns the flat metrics written to `run_dir/results.json`.
 
     `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID) nests the MLflow run under a pipeline's run."""
+    from alignlab.training.distributed import barrier, init_distributed
+
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:  # under torchrun only rank 0 prepares data, tracks, evaluates and writes results
