@@ -1,4 +1,4 @@
-"""Captions per second of the CAT semantic parser (SPEC 3.1) on one CPU core.
+"""Captions per second of the CAT semantic parser (docs/methods.md "CAT filtering") on one CPU core.
 
     .venv/bin/python benchmarks/parser_throughput.py [--num 5000] [--batch-size 256]
 

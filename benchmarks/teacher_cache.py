@@ -1,4 +1,5 @@
-"""Teacher cache size and speed (SPEC 3.2: DiHT stores the top-10 of two heads in ~80 bytes per image).
+"""Teacher cache size and speed (docs/methods.md "DiHT concept distillation": DiHT stores the top-10 of two heads in
+~80 bytes per image).
 
     .venv/bin/python benchmarks/teacher_cache.py [--num-train 2000] [--teacher DIR] [--threads 2]
 

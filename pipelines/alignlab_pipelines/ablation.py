@@ -34,7 +34,7 @@ from pathlib import Path
 
 from kfp import dsl, kubernetes
 
-from alignlab.ablation import AblationSpec, RunPlan, load_spec
+from alignlab.ablation import AblationSpec, RunPlan
 from alignlab.config import config_to_dict
 from alignlab.data.roots import resolve_data_root
 from alignlab_components.components import build_components
@@ -88,13 +88,6 @@ def prepare_tasks(spec: AblationSpec, ops: dict, settings: PipelineSettings, wor
             task.set_caching_options(settings.cache_data)
         tasks.append(task)
     return tasks
-
-
-def build_ablation_pipeline(spec_path: str | Path, overrides: list[str] | None = None,
-                            settings: PipelineSettings | None = None):
-    """The KFP pipeline function of an ablation spec (every arm x seed validated first)."""
-    spec, plans = load_spec(spec_path, overrides)
-    return pipeline_for_plans(spec, plans, settings or PipelineSettings())
 
 
 def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: PipelineSettings):

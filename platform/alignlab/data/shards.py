@@ -1,7 +1,7 @@
 """Webdataset tar shards: random access for training, from local disk or straight from S3.
 
 A shard holds one sample per key: `<key>.png` (or jpg/jpeg/webp), `<key>.txt` (caption) and
-`<key>.json` (metadata); see docs/CONTRACT.md, "SynthCaps on-disk layout". The key follows the
+`<key>.json` (metadata); see docs/data-formats.md, "SynthCaps on-disk layout". The key follows the
 webdataset convention: the member name up to the first dot of its basename (directory included), and
 a sample is a run of consecutive members with the same key.
 

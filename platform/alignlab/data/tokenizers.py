@@ -1,4 +1,4 @@
-"""Text tokenisers (SPEC section 1): CLIP BPE for PSD and DiHT, BERT-uncased WordPiece for the thesis.
+"""Text tokenisers (docs/methods.md "CLIP"): CLIP BPE for PSD and DiHT, BERT-uncased WordPiece for the thesis.
 
 Every tokeniser is a callable `tokenizer(list[str], generator=None) -> LongTensor [n, context_length]`
 with the attributes `vocab_size`, `context_length`, `pad_id` and `kind`. Both run on the Rust
@@ -16,7 +16,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 
-CLIP_VOCAB_SIZE = 49408
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # CLIP's word splitter (openai/CLIP simple_tokenizer.py, without its special-token alternatives).
 _CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -70,7 +69,7 @@ def _clean_caption(text: str) -> str:
 
 
 class ClipBPETokenizer:
-    """CLIP byte-level BPE (vocabulary 49,408, context 77; SPEC section 1), ids identical to open_clip.
+    """CLIP byte-level BPE (vocabulary 49,408, context 77; docs/methods.md "CLIP"), ids identical to open_clip.
 
     Each caption becomes [SOT] + BPE ids + [EOT], padded with 0 (open_clip's padding id). A caption
     longer than the context is cut keeping EOT, or, with `random_subsequence=True`, a random contiguous
@@ -159,7 +158,7 @@ def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
 
 
 class WordPieceTokenizer:
-    """BERT-uncased style WordPiece (the thesis: vocabulary 30,522, at most 64 tokens; SPEC section 1).
+    """BERT-uncased style WordPiece (the thesis: vocabulary 30,522, at most 64 tokens; docs/methods.md "CLIP").
 
     Each caption becomes [CLS] + word pieces + [SEP], cut to `context_length` keeping [SEP], padded
     with [PAD]. Build it from a BERT vocab.txt (`from_vocab`) or learn a vocabulary (`train`).

@@ -1,4 +1,5 @@
-"""CAT filtering of image-caption pairs, stage by stage, with the statistics of DiHT Table A.3 (SPEC 3.1).
+"""CAT filtering of image-caption pairs, stage by stage, with the statistics of DiHT Table A.3 (docs/methods.md "CAT
+filtering").
 
 Stages run in the order given and each sees only the pairs that survived the previous ones, so the
 table reads like Table A.3 ("C1" -> "C1+A" -> "C1+A+T"), and the expensive OCR runs only on the pairs the

@@ -1,5 +1,7 @@
-"""The teacher feature cache: teacher targets computed once per image and stored compactly (SPEC 3.2: DiHT
-keeps the renormalised top-10 of two concept heads, ~80 bytes per image; SPEC 4.2: logits and CLS vectors
+"""The teacher feature cache: teacher targets computed once per image and stored compactly (docs/methods.md "DiHT
+concept distillation": DiHT
+keeps the renormalised top-10 of two concept heads, ~80 bytes per image; docs/methods.md "S-SMKE": logits and CLS
+vectors
 can be cached per image id for one or a few augmented views, and which ones must be recorded).
 
 Layout (any `alignlab.storage` URI, local or s3://):

@@ -1,4 +1,5 @@
-"""Frozen vision teachers behind one interface (SPEC 3.2 concept distillation, 4.2 teachers and targets).
+"""Frozen vision teachers behind one interface (docs/methods.md "DiHT concept distillation" and "S-SMKE": teachers and
+their targets).
 
 `load_teacher(source)` turns any of these into a `Teacher`:
 

@@ -1,6 +1,7 @@
 """`alignlab teacher train`: a small supervised image teacher on SynthCaps plus DiHT concept heads.
 
-(a) Supervised backbone (stand-in for SWAG / ResNet-50-A1, SPEC 3.2 and 4.2): a timm model, by default the
+(a) Supervised backbone (stand-in for SWAG / ResNet-50-A1, docs/methods.md "DiHT concept distillation" and "S-SMKE"):
+a timm model, by default the
     student's image tower (same name and kwargs as `model.image`), trained from scratch with a multi-label
     head on the generator's TRUE labels from each sample's metadata: shapes (objects), colours and sizes
     (attributes); binary cross entropy, AdamW, cosine schedule. A held-out part of the training pairs

@@ -119,7 +119,8 @@ def train_dataset_from_config(data: DataConfig, data_root: Path | str, tokenizer
 
 def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: DistillConfig | None = None):
     """A callable `(outputs, batch_context) -> (terms, logs)`: named loss terms the trainer sums, and
-    scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (SPEC 3.2)
+    scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (docs/methods.md "DiHT
+    concept distillation")
     join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
     contrastive = _contrastive_loss(loss, mode, seed, distill or DistillConfig())

@@ -14,7 +14,8 @@ of all micro-batches are first computed without gradient, then each micro-batch 
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
 still sees every negative of the full batch.
 
-Distillation (SPEC 3.2) adds two things per batch: the teacher targets (`TeacherTargets`, from a cache joined
+Distillation (docs/methods.md "DiHT concept distillation") adds two things per batch: the teacher targets
+(`TeacherTargets`, from a cache joined
 on sample indices or from the teacher online) go into the loss context, and the image tower is locked or
 unlocked for the step (LiT, FT-delay) as a pure function of the step, so resume stays exact.
 """
