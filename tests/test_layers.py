@@ -114,7 +114,7 @@ def test_no_import_cycle_between_modules():
 
 def test_no_import_cycle_between_packages():
     """Library modules only: a `cli` module sits above every layer even when it lives in its package's folder
-    (`data/import_cli.py` parses with the settings helper, which names config errors)."""
+    (`data/cli.py` parses with the settings helper, which names config errors)."""
     packages: dict[str, set[str]] = {}
     for module, targets in _graph().items():
         if _is_cli(module):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignlab.report.gate_cli import main_gate
+from alignlab.report.cli import main_gate
 from alignlab.report.prometheus import STATUS_CODES, gate_registry, push_gate, write_gate_textfile
 from alignlab.report.regression_gate import (
     STATES,

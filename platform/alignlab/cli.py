@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("overrides", nargs="*", help="key=value, e.g. num_train=20000 mismatch=0.4")
     synth.set_defaults(func=_cmd_data_synth)
 
-    from alignlab.data.import_cli import add_import_arguments, run_import
+    from alignlab.data.cli import add_import_arguments, run_import
     from alignlab.filtering.cli import add_filter_arguments, run_filter
 
     add_import_arguments(data.add_parser("import", help="import COCO / TSV / webdataset / JSONL pairs as shards")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--book-dir", type=Path, default=Path("docs/results"), help="where the book lives")
     rep.set_defaults(func=_cmd_report)
 
-    from alignlab.report.gate_cli import add_gate_arguments, run_gate
+    from alignlab.report.cli import add_gate_arguments, run_gate
 
     add_gate_arguments(sub.add_parser("gate", help="nightly regression gate against earlier runs in MLflow")
                        ).set_defaults(func=run_gate)

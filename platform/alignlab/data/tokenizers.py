@@ -7,7 +7,6 @@ with the attributes `vocab_size`, `context_length`, `pad_id` and `kind`. Both ru
 
 import gzip
 import html
-import importlib.util
 from pathlib import Path
 
 import ftfy
@@ -35,15 +34,9 @@ def pack_token_ids(sequences: list[list[int]], context_length: int, pad_id: int)
     return torch.from_numpy(packed)
 
 
-def _clip_bpe_file() -> Path:
-    """The BPE merges file shipped inside open_clip_torch, found without importing open_clip (slow)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "open_clip_torch is not installed; it ships the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz "
-            "(install it, or pass vocab_file=<path to that file>)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+# CLIP's BPE merges (OpenAI CLIP, MIT licence; the file open_clip ships), packaged with alignlab so training
+# does not need open_clip at run time (it stays a development dependency: the parity tests compare ids).
+CLIP_BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -82,7 +75,7 @@ class ClipBPETokenizer:
     def __init__(self, context_length: int = 77, random_subsequence: bool = False, bpe_file: str | Path | None = None):
         if context_length < 2:
             raise ValueError(f"context_length={context_length} is too small: CLIP BPE needs room for SOT and EOT")
-        bpe_file = Path(bpe_file) if bpe_file else _clip_bpe_file()
+        bpe_file = Path(bpe_file) if bpe_file else CLIP_BPE_FILE
         if not bpe_file.is_file():
             raise FileNotFoundError(
                 f"CLIP BPE merges file {bpe_file} not found (expected bpe_simple_vocab_16e6.txt.gz)"
@@ -250,7 +243,7 @@ def build_tokenizer(
     """Tokeniser by name: "clip_bpe" (context 77 by default) or "wordpiece" (context 64 by default).
 
     wordpiece loads `vocab_file` if given, else trains a vocabulary of `vocab_size` on `train_texts`.
-    clip_bpe uses open_clip's merges file unless `vocab_file` names another one.
+    clip_bpe uses the packaged CLIP merges file (CLIP_BPE_FILE) unless `vocab_file` names another one.
     """
     if kind == "clip_bpe":
         return ClipBPETokenizer(context_length or 77, random_subsequence=random_subsequence, bpe_file=vocab_file)

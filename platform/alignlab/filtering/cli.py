@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from alignlab.filtering.settings import FilterSettings
-from alignlab.settings_cli import add_settings_arguments, settings_from_args
+from alignlab.settings.cli import add_settings_arguments, settings_from_args
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from alignlab.config import ConfigError
-from alignlab.settings_cli import add_settings_arguments, settings_from_args
+from alignlab.settings.cli import add_settings_arguments, settings_from_args
 from alignlab.teachers.settings import TeacherCacheSettings, TeacherTrainSettings
 
 # `alignlab teacher train` flags of the nested settings, as they were before the settings model

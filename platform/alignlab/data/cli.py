@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from alignlab.data.import_settings import ImportSettings
-from alignlab.settings_cli import add_settings_arguments, settings_from_args
+from alignlab.settings.cli import add_settings_arguments, settings_from_args
 
 # Per format: the ImportSettings fields it has no flag for, and the flag (or positional) that fills `sources`.
 _FORMATS = {
