@@ -28,7 +28,7 @@ def interleaved_step_times(arms: dict, images, tokens, steps: int, context_fn: C
 
     import torch
 
-    from alignlab.training.trainer import train_step
+    from alignlab.training.trainer import forward_backward
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -37,8 +37,8 @@ def interleaved_step_times(arms: dict, images, tokens, steps: int, context_fn: C
         for name, (model, optimizer, loss_fn, targets_fn) in arms.items():
             tic = time.perf_counter()
             targets = targets_fn(images, context["indices"]) if targets_fn else {}
-            train_step(model, loss_fn, images, tokens, context | {"targets": targets}, accumulation=1,
-                       autocast=contextlib.nullcontext, scaler=scaler)
+            forward_backward(model, loss_fn, images, tokens, context | {"targets": targets}, accumulation=1,
+                             autocast=contextlib.nullcontext, scaler=scaler)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step >= warmup:

@@ -1,5 +1,5 @@
 """Cost of psd_loss and hn_nce_loss against clip_loss: one forward + backward, time and memory, batch 256 /
-1024 / 4096, d = 512. Targets (SPEC section 2: PSD costs what CLIP costs): PSD <= 1.05x time, HN-NCE <= 1.10x
+1024 / 4096, d = 512. Targets (docs/methods.md "PSD": PSD costs what CLIP costs): PSD <= 1.05x time, HN-NCE <= 1.10x
 time, both <= 1.1x memory.
 
     .venv/bin/python benchmarks/loss_cost.py [--batch-sizes 256 1024 4096] [--dim 512] [--threads 1]
@@ -29,9 +29,9 @@ from alignlab.losses import clip_loss, hn_nce_loss, psd_loss
 PSD_ALPHA = 0.5
 LOSSES = {
     "clip": lambda image, text, scale, mask: clip_loss(image, text, scale),
-    # SPEC section 2 defaults: swapped prediction, tau_t = 0.1, detached targets; alpha mid-schedule.
+    # docs/methods.md "PSD" defaults: swapped prediction, tau_t = 0.1, detached targets; alpha mid-schedule.
     "psd": lambda image, text, scale, mask: psd_loss(image, text, scale, PSD_ALPHA, mask),
-    # DiHT's PMD setting (SPEC section 3.3): alpha 0.999, beta 0.5, weights with gradient.
+    # DiHT's PMD setting (docs/methods.md "HN-NCE"): alpha 0.999, beta 0.5, weights with gradient.
     "hn_nce": lambda image, text, scale, mask: hn_nce_loss(image, text, scale, 0.999, 0.5),
 }
 TARGETS = {"psd": (1.05, 1.1), "hn_nce": (1.10, 1.1)}  # (time, memory) ratios against clip

@@ -1,4 +1,4 @@
-"""Captions per second of the CAT semantic parser (SPEC 3.1) on one CPU core.
+"""Captions per second of the CAT semantic parser (docs/methods.md "CAT filtering") on one CPU core.
 
     .venv/bin/python benchmarks/parser_throughput.py [--num 5000] [--batch-size 256]
 
@@ -19,7 +19,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS
 import random  # noqa: E402
 import time  # noqa: E402
 
-from alignlab.filtering.semantic_parser import load_spacy_model, parse_captions  # noqa: E402
+from alignlab.data.text.semantic_parser import load_spacy_model, parse_captions  # noqa: E402
 
 SUBJECTS = ["a black cat", "two dogs", "a young woman in a red dress", "the man", "a small child", "three people",
             "a brown horse", "an old car", "a group of kids", "Obama", "a chef", "the striped mug"]

@@ -35,6 +35,7 @@ from alignlab.data.transforms import CLIP_MEAN, CLIP_STD
 from alignlab.evaluate.datasets import load_class_folders
 from alignlab.evaluate.zeroshot import zero_shot_classifier, zero_shot_metrics
 from alignlab.training import builders
+from alignlab.data.roots import local_eval_root, resolve_data_root
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
 from alignlab.training.trainer import mean_pairwise_cosine
 
@@ -87,7 +88,7 @@ def _zero_shot(model, tokenizer, root, size) -> dict[str, float]:
 
 def probe(config: str, data: str, overrides: list[str], stop: int | None) -> dict:
     cfg = load_config(config, [f"data.root={data}", "data.synth=null", *overrides])
-    root = builders.resolve_data_root(cfg.data)
+    root = resolve_data_root(cfg.data)
     images, captions = _decode(str(root), cfg.data.image_size)
     builders.seed_everything(cfg.seed)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, root)
@@ -124,7 +125,7 @@ def probe(config: str, data: str, overrides: list[str], stop: int | None) -> dic
     seconds = time.time() - start
     model.eval()
     with torch.no_grad():
-        metrics = _zero_shot(model, tokenizer, builders.local_eval_root(root), cfg.data.image_size)
+        metrics = _zero_shot(model, tokenizer, local_eval_root(root), cfg.data.image_size)
     return {"overrides": " ".join(overrides), "steps": steps, "warmup": warmup_steps_for(tc.warmup, total),
             "steps_at_ln_n": at_ln_n, "max_text_cos": round(max_cos_text, 2), "max_image_cos": round(max_cos_image, 2),
             "final_loss": round(loss.item(), 3), "train_seconds": round(seconds), **metrics}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from alignlab.experiment import run_ablation
+from alignlab.ablation_runner import run_ablation
 from alignlab_pipelines.local import run_local
 
 TINY_SYNTH = {"seed": 7, "num_train": 512, "shard_size": 256, "num_retrieval_test": 40, "num_retrieval_val": 20,

@@ -1,4 +1,5 @@
-"""Teacher cache size and speed (SPEC 3.2: DiHT stores the top-10 of two heads in ~80 bytes per image).
+"""Teacher cache size and speed (docs/methods.md "DiHT concept distillation": DiHT stores the top-10 of two heads in
+~80 bytes per image).
 
     .venv/bin/python benchmarks/teacher_cache.py [--num-train 2000] [--teacher DIR] [--threads 2]
 
@@ -26,7 +27,8 @@ import torch
 from alignlab.data.synth import SynthCapsConfig, generate_synthcaps
 from alignlab.teachers import load_teacher
 from alignlab.teachers.cache import TeacherCache, build_teacher_cache, topk_bytes_per_sample
-from alignlab.teachers.supervised import TeacherTrainConfig, train_teacher
+from alignlab.teachers.settings import TeacherSettings
+from alignlab.teachers.supervised import train_teacher
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def run(scratch: Path, args: argparse.Namespace) -> None:
     if teacher_dir is None:
         teacher_dir = scratch / "teacher"
         started = time.perf_counter()
-        meta = train_teacher(data, teacher_dir, TeacherTrainConfig(epochs=args.epochs))
+        meta = train_teacher(data, teacher_dir, TeacherSettings(epochs=args.epochs))
         print(f"teacher train ({meta['arch']} {json.dumps(meta['kwargs'])}, {args.num_train} pairs, {args.epochs} "
               f"epochs, {args.threads} threads): {time.perf_counter() - started:.1f} s "
               f"(supervised {meta['summary']['seconds']['supervised']} s, concept heads "

@@ -1,4 +1,5 @@
-"""Training-step cost of distilling from a teacher (SPEC 3.2), against the same step without distillation.
+"""Training-step cost of distilling from a teacher (docs/methods.md "DiHT concept distillation"), against the same
+step without distillation.
 
 DiHT's argument for concept distillation: its targets are precomputed, so it costs almost nothing at
 training time, while embedding distillation (ED) runs the teacher online ("60 % slower, +8 % GPU memory").

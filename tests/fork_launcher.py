@@ -44,6 +44,9 @@ def serve() -> None:
     torch.set_num_threads(1)
     import alignlab.cli  # noqa: F401 - the imports every child would otherwise pay for
     import alignlab.experiment  # noqa: F401
+    import alignlab.tracking  # noqa: F401 - experiment imports these inside its functions
+    import alignlab.training.trainer  # noqa: F401
+    import alignlab.training.run_model  # noqa: F401
 
     reply = sys.stdout
     for line in sys.stdin:

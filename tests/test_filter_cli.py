@@ -13,7 +13,7 @@ import pytest
 from alignlab.cli import main as cli_main
 from alignlab.config import validate_config
 from alignlab.data.shards import WebDatasetIndex
-from alignlab.filtering.semantic_parser import load_spacy_model, parse_captions
+from alignlab.data.text.semantic_parser import load_spacy_model, parse_captions
 from alignlab.training.trainer import train
 from conftest import tiny_config_tree
 
@@ -186,7 +186,7 @@ def test_clip_score_stage_loads_an_alignlab_checkpoint(filtered, noisy, tmp_path
     import torch
 
     from alignlab.filtering.clip_score import clip_scores
-    from alignlab.filtering.cli import load_clip_scorer
+    from alignlab.filtering.dataset import load_clip_scorer
     from alignlab.data.shards import WebDatasetIndex as Index
 
     out, _, _ = filtered

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from alignlab.filtering import semantic_parser
+from alignlab.data.text import semantic_parser
 from alignlab.filtering.clip_score import clip_scores, keep_clip_score
 from alignlab.filtering.pipeline import run_filters
-from alignlab.filtering.semantic_parser import keep_cat, load_spacy_model, parse_caption, parse_captions
+from alignlab.data.text.semantic_parser import keep_cat, load_spacy_model, parse_caption, parse_captions
 from alignlab.filtering.text_spotting import require_tesseract, spot_text, text_matches_caption
 
 SPEC_EXAMPLE = "A black cat is chasing a small brown bird"

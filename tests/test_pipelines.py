@@ -16,7 +16,7 @@ from conftest import SMALL_SYNTH, tiny_config_tree
 
 from alignlab.ablation import load_spec
 from alignlab.config import ConfigError, config_to_dict, validate_config
-from alignlab.training.builders import resolve_data_root
+from alignlab.data.roots import resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_SPECS = sorted((REPO / "ablations").glob("*.yaml"))

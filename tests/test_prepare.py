@@ -15,7 +15,7 @@ from conftest import SMALL_SYNTH, tiny_config_tree
 from alignlab.ablation import PrepareEntry, load_spec
 from alignlab.config import ConfigError
 from alignlab.prepare import PREPARE_MARKER, STARTED_MARKER, run_prepare_step
-from alignlab.training.builders import resolve_data_root
+from alignlab.data.roots import resolve_data_root
 
 TINY_SYNTH = {"num_train": 12, "shard_size": 6, "num_retrieval_test": 2, "num_retrieval_val": 2,
               "zeroshot_per_class_train": 1, "zeroshot_per_class_val": 1, "zeroshot_per_class_test": 1,
@@ -168,7 +168,7 @@ def test_interrupted_outputs_are_redone_and_foreign_or_changed_ones_refused(synt
 def test_spec_with_a_prepare_filter_trains_its_arm_on_the_filtered_shards(tmp_path, monkeypatch, capsys):
     """Inline: data -> prepare filter (complexity drops the 30 % uninformative captions) -> one arm on the
     filtered shards; its step count is the kept pairs // batch size. Run again with --resume: all skipped."""
-    from alignlab.experiment import run_ablation
+    from alignlab.ablation_runner import run_ablation
 
     monkeypatch.chdir(tmp_path)
     spec = _spec(tmp_path, [{"filter": {"data": "{data_root}", "out": "data/filtered", "stages": ["complexity"]}}],

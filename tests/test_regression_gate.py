@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignlab.report.gate_cli import main_gate
+from alignlab.report.cli import main_gate
 from alignlab.report.prometheus import STATUS_CODES, gate_registry, push_gate, write_gate_textfile
 from alignlab.report.regression_gate import (
     STATES,
@@ -31,8 +31,8 @@ from alignlab.tracking import RunTracker, standard_tags
 from alignlab_pipelines.schedule import DEFAULT_CRON, register, schedule_nightly, validate_kfp_cron
 
 REPO = Path(__file__).resolve().parents[1]
-ACC = GateRule("acc", "higher", abs_tolerance=0.02, min_history=3)
-STEP = GateRule("step_time", "lower", rel_tolerance=0.15, min_history=3)
+ACC = GateRule(metric="acc", direction="higher", abs_tolerance=0.02, min_history=3)
+STEP = GateRule(metric="step_time", direction="lower", rel_tolerance=0.15, min_history=3)
 
 
 def _night(acc=None, step=None):
@@ -109,7 +109,7 @@ def test_direction_handling():
 
 
 def test_tolerances_combine_as_the_larger_one():
-    rule = GateRule("loss", "lower", abs_tolerance=0.02, rel_tolerance=0.05)
+    rule = GateRule(metric="loss", direction="lower", abs_tolerance=0.02, rel_tolerance=0.05)
     assert rule.allowed_deviation(1.0) == pytest.approx(0.05)   # relative is larger
     assert rule.allowed_deviation(0.1) == pytest.approx(0.02)   # absolute is larger
     assert rule.violates(1.051, 1.0) and not rule.violates(1.049, 1.0)
@@ -154,7 +154,7 @@ def test_shipped_rules_and_bad_rule_files(tmp_path):
     with pytest.raises(ValueError, match=r"bad.yaml: rules\[0\].*direction"):
         load_gate_config(bad)
     bad.write_text("window: 0\nrules:\n  - {metric: acc, direction: higher, abs_tolerance: 0.1}\n")
-    with pytest.raises(ValueError, match="window must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"bad.yaml: window: Input should be greater than or equal to 1"):
         load_gate_config(bad)
     with pytest.raises(FileNotFoundError):
         load_gate_config(tmp_path / "absent.yaml")
@@ -195,8 +195,8 @@ def test_history_from_mlflow_order_filters_and_gate(nightly_store):
                                  started_before=record["start_time"])
     assert [h["retrieval/mean_R@1"] for h in before] == [0.50, 0.51, 0.49, 0.50, 0.40]
     assert today["median_step_time"] == pytest.approx(1.05)
-    rules = [GateRule("retrieval/mean_R@1", "higher", abs_tolerance=0.02),
-             GateRule("median_step_time", "lower", rel_tolerance=0.15)]
+    rules = [GateRule(metric="retrieval/mean_R@1", direction="higher", abs_tolerance=0.02),
+             GateRule(metric="median_step_time", direction="lower", rel_tolerance=0.15)]
     result = evaluate_gate(today, before, rules, window=7, repeat=2, arm="clip")
     assert _state(result, "retrieval/mean_R@1").state == "regression"
     assert _state(result, "retrieval/mean_R@1").baseline == pytest.approx(0.50)

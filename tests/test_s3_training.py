@@ -22,6 +22,7 @@ import alignlab.storage as storage
 from alignlab.config import validate_config
 from alignlab.data.shards import SIDECAR_SUFFIX, WebDatasetIndex, expand_shards, write_shard_index
 from alignlab.training import builders
+from alignlab.data.roots import EVAL_FOLDERS, local_eval_root, resolve_data_root
 from conftest import tiny_config_tree
 from s3_server import CuttingProxy, s3_env, s3_server, start_seaweedfs  # noqa: F401  (pytest fixtures)
 
@@ -44,7 +45,7 @@ def s3_synth(s3_server, synth_root):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3_server.env().items():
             patch.setenv(name, value)
-        _upload_tree(synth_root, f"s3://{bucket}/synth", ("train",) + builders.EVAL_FOLDERS)
+        _upload_tree(synth_root, f"s3://{bucket}/synth", ("train",) + EVAL_FOLDERS)
     return f"s3://{bucket}/synth"
 
 
@@ -277,13 +278,13 @@ def test_server_killed_mid_read_is_retried_or_fails_clearly_never_short(synth_ro
 
 def test_s3_root_resolves_to_the_uri_and_refuses_synth_generation():
     data = validate_config(tiny_config_tree("s3://bucket/data/", "/tmp/out")).data
-    assert builders.resolve_data_root(data) == "s3://bucket/data"
+    assert resolve_data_root(data) == "s3://bucket/data"
     assert builders._train_spec(data, "s3://bucket/data") == "s3://bucket/data/train"
     tree = tiny_config_tree("s3://bucket/data", "/tmp/out")
     tree["data"]["synth"] = {"num_train": 64}
     synth = validate_config(tree).data
     with pytest.raises(ValueError, match="generate it locally, upload the folder"):
-        builders.resolve_data_root(synth)
+        resolve_data_root(synth)
 
 
 def test_missing_shard_and_wrong_credentials_are_named(s3_env, synth_root, tmp_path, monkeypatch, caplog):
@@ -332,15 +333,15 @@ def test_eval_folders_are_cached_by_dataset_hash_and_verified(s3_env, s3_synth, 
     reads = []
     original = S3Store.read_bytes
     monkeypatch.setattr(S3Store, "read_bytes", lambda self, key: reads.append(key) or original(self, key))
-    cached = builders.local_eval_root(s3_synth, cache_dir=tmp_path / "cache")
+    cached = local_eval_root(s3_synth, cache_dir=tmp_path / "cache")
     assert cached == tmp_path / "cache" / manifest["dataset_hash"]
-    want = {key: data for key, data in _files(synth_root).items() if key.split("/")[0] in builders.EVAL_FOLDERS}
+    want = {key: data for key, data in _files(synth_root).items() if key.split("/")[0] in EVAL_FOLDERS}
     assert {k: v for k, v in _files(cached).items() if k != "manifest.json"} == want and len(want) > 800
     assert not any(key.startswith("train/") for key in reads)  # shards are streamed, never downloaded
     reads.clear()
-    assert builders.local_eval_root(s3_synth, cache_dir=tmp_path / "cache") == cached
+    assert local_eval_root(s3_synth, cache_dir=tmp_path / "cache") == cached
     assert reads == ["synth/manifest.json"]  # second time: only the manifest, to learn the content address
-    assert builders.local_eval_root(synth_root) == synth_root  # local roots are used in place
+    assert local_eval_root(synth_root) == synth_root  # local roots are used in place
 
     # A corrupted object: nothing is cached (no folder, no leftovers) and the error names it.
     store = storage.open_store(s3_synth)

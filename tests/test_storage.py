@@ -241,8 +241,10 @@ def test_retry_gives_up_after_configured_attempts_with_capped_jittered_delays():
     caps = [0.1, 0.2, 0.4, 0.5, 0.5]  # min(max_delay, base * 2**(n-1))
     assert len(calls) == 6
     assert sleeps == pytest.approx([d * c for d, c in zip([0.3, 0.9, 0.0, 0.5, 1.0], caps)])
-    with pytest.raises(ValueError, match="attempts must be >= 1"):
+    with pytest.raises(ValueError, match=r"attempts\n  Input should be greater than or equal to 1"):
         RetryPolicy(attempts=0)
+    with pytest.raises(ValueError, match="base_delay <= max_delay"):
+        RetryPolicy(base_delay=2.0, max_delay=1.0)
 
 
 def test_unreachable_endpoint_is_retried_then_named(monkeypatch, caplog):

@@ -255,7 +255,7 @@ def test_ft_delay_switches_at_the_set_step_and_resumes_exactly_across_it(synth_r
 
 def test_a_two_arm_slice_of_the_diht_spec_runs_end_to_end(tmp_path, monkeypatch, teacher_dir):
     from alignlab.ablation import load_spec
-    from alignlab.experiment import prepare_data, run_experiment
+    from alignlab.experiment import ensure_dataset, run_experiment
     from conftest import SMALL_SYNTH
 
     monkeypatch.chdir(tmp_path)
@@ -274,7 +274,7 @@ def test_a_two_arm_slice_of_the_diht_spec_runs_end_to_end(tmp_path, monkeypatch,
                  'eval={"zeroshot_tasks": ["shape"], "linear_probe_task": null, "shifts": [], "histogram": false}']
     _, plans = load_spec(tmp_path / "slice.yaml", overrides)
     assert [p.arm for p in plans] == ["CD-O+A", "FT-delay"]
-    prepare_data(plans[0].config)
+    ensure_dataset(plans[0].config)
     for plan in plans:
         metrics = run_experiment(plan.config, plan.run_dir, ablation="diht", arm=plan.arm)
         assert "zeroshot/shape/top1" in metrics and "final_loss" in metrics

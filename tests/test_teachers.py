@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from alignlab.data.transforms import CLIP_MEAN, CLIP_STD
 from alignlab.teachers import load_teacher
-from alignlab.teachers.concepts import (ConceptHeadConfig, build_vocabulary, concept_targets, resampling_weights,
+from alignlab.teachers.settings import ConceptSettings
+from alignlab.teachers.concepts import (build_vocabulary, concept_targets, resampling_weights,
                                         soft_cross_entropy, top1_in_concepts, train_concept_head)
 from alignlab.teachers.supervised import LABEL_NAMES, label_accuracy, true_labels
 
@@ -174,14 +175,14 @@ def test_concept_head_learns_separable_concepts():
     labels = torch.arange(200) % 4
     features = centres[labels] + torch.randn(200, 16, generator=generator)
     targets = F.one_hot(labels, 4).float()
-    config = ConceptHeadConfig(epochs=20, batch_size=32, base_lr=0.5, seed=1)
+    config = ConceptSettings(epochs=20, batch_size=32, base_lr=0.5)
     assert config.lr == pytest.approx(0.5 * 32 / 256)
-    head, stats = train_concept_head(features, targets, torch.ones(200), config)
+    head, stats = train_concept_head(features, targets, torch.ones(200), config, seed=1)
     assert stats["loss_last_epoch"] < 0.25 * stats["loss_first_epoch"]
     with torch.no_grad():
         assert top1_in_concepts(head(features), targets) > 0.95
     with pytest.raises(ValueError, match="resample"):
-        ConceptHeadConfig(resample="sqrt")
+        ConceptSettings(resample="sqrt")
 
 
 def test_true_labels_and_label_accuracy_by_hand():

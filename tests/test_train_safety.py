@@ -75,7 +75,7 @@ def test_schema_refuses_non_finite_values_naming_the_field(tmp_path, override, f
 def test_synthcaps_and_ablation_schemas_refuse_non_finite_values():
     from pydantic import ValidationError
 
-    from alignlab.ablation import TeacherSettings
+    from alignlab.teachers.settings import TeacherSettings
     from alignlab.data.synth import SynthCapsConfig
 
     with pytest.raises(ValidationError, match="finite number"):

@@ -1,6 +1,6 @@
 """The ablation steps as plain functions: what each KFP component runs, callable without KFP.
 
-The steps are the core's own pieces of `alignlab.experiment.run_experiment` (prepare_data, start_run_tracking,
+The steps are the core's own pieces of `alignlab.experiment.run_experiment` (ensure_dataset, start_run_tracking,
 train_run, finish_run), split at the checkpoint, so they keep the inline runner's run-folder layout (README
 "Where results go") and `alignlab report` and the inline runner read their output:
 
@@ -32,10 +32,10 @@ PIPELINE_RUN_FILE = "pipeline-run.txt"  # id of the pipeline run that last train
 
 def prepare_data_step(config: dict) -> dict:
     """Generate (or reuse) the dataset a config trains on; returns its root folder and dataset hash."""
-    from alignlab.experiment import dataset_hash, prepare_data
+    from alignlab.experiment import dataset_hash, ensure_dataset
 
     cfg = validate_config(config, source="prepare-data config")
-    root = prepare_data(cfg)
+    root = ensure_dataset(cfg)
     return {"data_root": str(root), "dataset_hash": dataset_hash(root)}
 
 
@@ -95,9 +95,9 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     run, then runs `alignlab train --train-only --mlflow-run-id ...` as a TorchX `dist.ddp` job (`local_cwd`:
     processes here; `kubernetes`: a Volcano job) and waits for it; otherwise it trains in this process.
     """
+    from alignlab.data.roots import resolve_data_root
     from alignlab.experiment import end_tracking_on_error, start_run_tracking, train_run
     from alignlab.tracking import resolve_tracking_uri
-    from alignlab.training import builders
 
     cfg = _run_config(run)
     arm, run_dir = run["arm"], Path(run["run_dir"])
@@ -106,7 +106,7 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
                "steps": 0, "train_metrics": {}, "tracking_uri": None, "mlflow_run_id": None}
     if resume and (run_dir / RESULTS_FILE).is_file():
         return handoff | {"finished": True}
-    data_root = builders.resolve_data_root(cfg.data)
+    data_root = resolve_data_root(cfg.data)
     if isinstance(data_root, Path) and not data_root.exists():  # an s3:// root (a str) is checked when indexed
         raise FileNotFoundError(f"dataset {data_root} for arm {arm!r} does not exist: the prepare-data step "
                                 f"must run first (in the same working folder / shared volume)")
@@ -186,7 +186,7 @@ def report_step(results: list[dict], spec: dict) -> dict:
 
     `spec` is the AblationSpec as a dict; each run's config is the config.yaml the train step wrote."""
     from alignlab.ablation import AblationSpec, RunPlan
-    from alignlab.experiment import report_ablation
+    from alignlab.ablation_runner import report_ablation
 
     if not results:
         raise ValueError("no run results reached the report step; the pipeline planned no arm x seed")
@@ -204,7 +204,7 @@ def gate_step(results: list[dict], spec: dict, rules_yaml: str) -> dict:
     Writes runs/<ablation>/gate/gate.{md,json} (and the spec's Prometheus exports); returns {"status",
     "gate_dir", "printed"}. The component fails on status "regression", so the KFP run shows it."""
     from alignlab.ablation import AblationSpec, RunPlan
-    from alignlab.experiment import ablation_dir, gate_ablation
+    from alignlab.ablation_runner import ablation_dir, gate_ablation
 
     ablation = AblationSpec.model_validate(spec)
     plans = [RunPlan(ablation=ablation.name, arm=r["arm"], seed=r["seed"], config=_stored_config(Path(r["run_dir"])))

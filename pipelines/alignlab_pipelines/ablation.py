@@ -34,9 +34,9 @@ from pathlib import Path
 
 from kfp import dsl, kubernetes
 
-from alignlab.ablation import AblationSpec, RunPlan, load_spec
+from alignlab.ablation import AblationSpec, RunPlan
 from alignlab.config import config_to_dict
-from alignlab.training import builders
+from alignlab.data.roots import resolve_data_root
 from alignlab_components.components import build_components
 from alignlab_pipelines.settings import PipelineSettings
 
@@ -64,10 +64,10 @@ def dataset_configs(plans: list[RunPlan], spec: AblationSpec | None = None) -> d
     steps. With `spec`, also the base config's dataset when a prepare step reads it through `{data_root}`."""
     by_root: dict[str, str] = {}
     for plan in plans:
-        by_root.setdefault(str(builders.resolve_data_root(plan.config.data)), _json(plan.config))
+        by_root.setdefault(str(resolve_data_root(plan.config.data)), _json(plan.config))
     if spec is not None and spec.prepare_data_config is not None:
         base = spec.prepare_data_config
-        by_root.setdefault(str(builders.resolve_data_root(base.data)), _json(base))
+        by_root.setdefault(str(resolve_data_root(base.data)), _json(base))
     return by_root
 
 
@@ -88,13 +88,6 @@ def prepare_tasks(spec: AblationSpec, ops: dict, settings: PipelineSettings, wor
             task.set_caching_options(settings.cache_data)
         tasks.append(task)
     return tasks
-
-
-def build_ablation_pipeline(spec_path: str | Path, overrides: list[str] | None = None,
-                            settings: PipelineSettings | None = None):
-    """The KFP pipeline function of an ablation spec (every arm x seed validated first)."""
-    spec, plans = load_spec(spec_path, overrides)
-    return pipeline_for_plans(spec, plans, settings or PipelineSettings())
 
 
 def pipeline_for_plans(spec: AblationSpec, plans: list[RunPlan], settings: PipelineSettings):

@@ -31,7 +31,7 @@ from kfp import local
 
 from alignlab.ablation import load_spec
 from alignlab.console import TaskConsole, TaskFailed
-from alignlab.experiment import ablation_dir
+from alignlab.ablation_runner import ablation_dir
 from alignlab_pipelines.ablation import dataset_configs, pipeline_for_plans
 from alignlab_pipelines.local_output import capture_task_output
 from alignlab_pipelines.settings import PipelineSettings

@@ -53,7 +53,7 @@ def task_label(component_name: str, arguments: dict) -> str:
             return f"evaluate {trained['arm']}/seed-{int(trained['seed'])}"
         if name == "prepare-data":
             from alignlab.config import validate_config
-            from alignlab.training.builders import resolve_data_root
+            from alignlab.data.roots import resolve_data_root
 
             root = resolve_data_root(validate_config(json.loads(arguments["config_json"])).data)
             return f"data {Path(str(root)).name}"

@@ -23,8 +23,9 @@ prepare:                               # optional: shared steps, run once, in or
 ```
 Every arm x seed is validated when the spec is loaded, so a typo fails before any work starts.
 
-`prepare` entries are mappings with one key, the step kind (fields: the step models below; errors name
-`prepare.<index>.<kind>.<field>`): `synth` (SynthCaps into `out`), `import` (`alignlab data import`),
+`prepare` entries are mappings with one key, the step kind (fields: the kind's settings model, registered
+in `alignlab.prepare_steps`; errors name `prepare.<index>.<kind>.<field>`): `synth` (SynthCaps into `out`),
+`import` (`alignlab data import`),
 `filter` (`alignlab data filter`), `teacher_train`, `teacher_cache` (`alignlab teacher train / cache`) and
 `train` (one run, e.g. the CLIP scorer of the CLIP-score filter; its `config` is a path relative to this
 file, an inline mapping, or by default the spec's base config after the spec's overrides). Paths are
@@ -61,7 +62,8 @@ from alignlab.config import (
     parse_override,
     validate_config,
 )
-from alignlab.data.synth import SynthCapsConfig
+from alignlab.data.roots import resolve_data_root
+from alignlab.prepare_steps import PrepareEntry, substitute_placeholders
 from alignlab.redaction import redact
 
 
@@ -84,216 +86,6 @@ class GateSpec(BaseModel):
     rules: str = Field(min_length=1, description="Gate rules YAML, relative to the spec file.")
     textfile: str | None = Field(None, description="Also write the gauges to this Prometheus textfile (*.prom).")
     pushgateway: str | None = Field(None, description="Also push the gauges to this Pushgateway URL.")
-
-
-# ---- prepare steps -----------------------------------------------------------------------------------------
-
-PLACEHOLDERS = ("data_root",)
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class SynthStep(_Step):
-    """SynthCaps generated into `out` (reused when already there with the same settings)."""
-
-    out: str = Field(min_length=1)
-    config: SynthCapsConfig = Field(default_factory=SynthCapsConfig, description="SynthCaps generator settings.")
-
-
-class ImportStep(_Step):
-    """`alignlab data import <format>`: `sources` are the captions JSON (coco; none with `karpathy`), the TSV,
-    the JSONL, or the shards / folders / s3:// URIs (webdataset)."""
-
-    format: Literal["coco", "tsv", "webdataset", "jsonl"]
-    sources: list[str] = Field(default_factory=list)
-    out: str = Field(min_length=1)
-    image_root: str | None = None
-    karpathy: str | None = Field(None, description="coco: Karpathy split file (dataset_coco.json).")
-    split: str = Field("train,restval", description="coco with karpathy: splits to import, comma-separated.")
-    header: Literal["auto", "yes", "no"] = "auto"
-    image_column: str = "0"
-    caption_column: str = "1"
-    shard_size: int = Field(1000, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ImportStep":
-        wanted = {"tsv": "exactly one TSV file", "jsonl": "exactly one JSONL file"}
-        if self.format in wanted and len(self.sources) != 1:
-            raise ValueError(f"sources: format {self.format} reads {wanted[self.format]}, got {self.sources}")
-        if self.format == "webdataset" and not self.sources:
-            raise ValueError("sources: format webdataset needs at least one shard, folder or glob")
-        if self.format == "coco" and len(self.sources) > 1:
-            raise ValueError(f"sources: format coco reads one captions JSON, got {self.sources}")
-        if self.format == "coco" and not self.sources and not self.karpathy:
-            raise ValueError("format coco needs sources: [captions JSON] or karpathy: <dataset_coco.json>")
-        if self.karpathy and self.format != "coco":
-            raise ValueError(f"karpathy is a coco option, not one of format {self.format}")
-        return self
-
-
-FILTER_STAGES = ("complexity", "action", "text_spotting", "clip_score")
-
-
-class FilterStep(_Step):
-    """`alignlab data filter`: the training pairs of `data` through `stages` (in order) into `out`."""
-
-    data: str = Field(min_length=1)
-    out: str = Field(min_length=1)
-    stages: list[Literal["complexity", "action", "text_spotting", "clip_score"]] = Field(
-        default_factory=lambda: ["complexity", "action", "text_spotting"], min_length=1)
-    format: Literal["webdataset", "coco", "jsonl"] = "webdataset"
-    train: str = "train"
-    min_complexity: int = Field(1, ge=0)
-    min_actions: int = Field(1, ge=0)
-    clip_checkpoint: str | None = None
-    clip_threshold: float = 0.35
-    workers: int = Field(1, ge=1)
-    shard_size: int = Field(1000, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "FilterStep":
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"stages: each stage at most once, got {self.stages}")
-        if "clip_score" in self.stages and not self.clip_checkpoint:
-            raise ValueError("clip_checkpoint: stage clip_score needs an alignlab checkpoint (e.g. the final.pt "
-                             "of a `train` prepare step)")
-        return self
-
-
-class ConceptSettings(_Step):
-    """Concept-head training of `alignlab teacher train` (DiHT's values; fewer epochs)."""
-
-    min_count: int = Field(5, ge=1)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(256, ge=1)
-    base_lr: float = Field(0.001, gt=0)
-    resample: Literal["inv_sqrt", "none"] = "inv_sqrt"
-
-
-class TeacherSettings(_Step):
-    """`alignlab teacher train` settings; the architecture defaults to the base config's image tower
-    (model.image name and kwargs, data.image_size), like `--config <base config>`."""
-
-    arch: str | None = Field(None, description="timm:<name>; default: the base config's model.image.")
-    kwargs: dict[str, Any] | None = None
-    image_size: int | None = Field(None, ge=8)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    holdout: float = Field(0.1, gt=0, lt=1)
-    seed: int = 0
-    concepts: ConceptSettings = Field(default_factory=ConceptSettings)
-
-
-class TeacherTrainStep(_Step):
-    """`alignlab teacher train`: a supervised teacher + concept heads on the SynthCaps at `data`, into `out`."""
-
-    data: str = Field(min_length=1)
-    out: str = Field(min_length=1)
-    train: str = "train"
-    config: TeacherSettings = Field(default_factory=TeacherSettings)
-
-
-class TeacherCacheStep(_Step):
-    """`alignlab teacher cache`: the teacher's top-k targets for every training image of `data`, under
-    `out/<key>` (content-addressed; `{data_root}/teacher-caches` is where `distill.cache: auto` looks)."""
-
-    teacher: str = Field(min_length=1)
-    data: str = Field(min_length=1)
-    out: str = Field(min_length=1)
-    targets: list[Literal["objects", "attributes", "logits", "embedding"]] = Field(
-        default_factory=lambda: ["objects", "attributes"], min_length=1)
-    k: int = Field(10, ge=1)
-    views: int = Field(1, ge=1)
-    image_size: int | None = Field(None, ge=8, description="Student image size (default: the dataset manifest's).")
-    batch_size: int = Field(128, ge=1)
-    train: str = "train"
-
-
-class TrainStep(_Step):
-    """One training run into `run_dir` (and its evaluation when the config's eval is enabled), e.g. the CLIP
-    scorer of the CLIP-score filter. `config`: a path relative to the spec file, an inline mapping, or None
-    for the spec's base config after the spec's overrides; `overrides` apply on top. `load_spec` replaces both
-    by the resolved config mapping."""
-
-    config: str | dict[str, Any] | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    run_dir: str = Field(min_length=1)
-
-
-STEP_MODELS: dict[str, type[_Step]] = {"synth": SynthStep, "import": ImportStep, "filter": FilterStep,
-                                       "teacher_train": TeacherTrainStep, "teacher_cache": TeacherCacheStep,
-                                       "train": TrainStep}
-
-
-class PrepareEntry(BaseModel):
-    """One `prepare` entry: a mapping with exactly one key, the step kind."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
-
-    synth: SynthStep | None = None
-    import_: ImportStep | None = Field(None, alias="import")
-    filter: FilterStep | None = None
-    teacher_train: TeacherTrainStep | None = None
-    teacher_cache: TeacherCacheStep | None = None
-    train: TrainStep | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "PrepareEntry":
-        given = [kind for kind in STEP_MODELS if self._get(kind) is not None]
-        if len(given) != 1:
-            raise ValueError(f"a prepare entry is a mapping with exactly one step kind ({', '.join(STEP_MODELS)}), "
-                             f"got {given or 'none'}")
-        for where, text in _strings(self.step.model_dump(mode="json"), self.kind):
-            for name in _PLACEHOLDER.findall(text):
-                if name not in PLACEHOLDERS:
-                    raise ValueError(f"{where}: unknown placeholder {{{name}}} (the only one is {{data_root}})")
-        return self
-
-    def _get(self, kind: str):
-        return getattr(self, "import_" if kind == "import" else kind)
-
-    @property
-    def kind(self) -> str:
-        return next(kind for kind in STEP_MODELS if self._get(kind) is not None)
-
-    @property
-    def step(self) -> _Step:
-        return self._get(self.kind)
-
-    def uses(self, placeholder: str) -> bool:
-        return any(f"{{{placeholder}}}" in text for _, text in _strings(self.step.model_dump(mode="json"), ""))
-
-    def to_dict(self) -> dict:
-        """{kind: fields} as written in a spec (JSON-able; what the KFP prepare components receive)."""
-        return {self.kind: self.step.model_dump(mode="json")}
-
-
-def _strings(value, where: str):
-    """(dotted path, text) of every string inside a JSON-like value (keys of mappings included)."""
-    if isinstance(value, str):
-        yield where, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(key, f"{where}.{key}")
-            yield from _strings(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _strings(item, f"{where}.{i}")
-
-
-def substitute_placeholders(value, mapping: dict[str, str]):
-    """`value` (a JSON-like tree) with every `{name}` of `mapping` in its strings replaced; others kept."""
-    if isinstance(value, str):
-        return _PLACEHOLDER.sub(lambda m: mapping.get(m.group(1), m.group(0)), value)
-    if isinstance(value, dict):
-        return {substitute_placeholders(k, mapping): substitute_placeholders(v, mapping) for k, v in value.items()}
-    if isinstance(value, list):
-        return [substitute_placeholders(v, mapping) for v in value]
-    return value
 
 
 class PaperClaim(BaseModel):
@@ -484,8 +276,6 @@ def _resolve_prepare(spec: AblationSpec, base: dict, path: Path) -> AblationSpec
     filled in, each `train` step's config resolved and validated, a teacher's default architecture set."""
     base_cfg = validate_config(apply_overrides(base, {"name": f"{spec.name}/prepare"}),
                                source=f"{path} base config (the prepare steps' {{data_root}} and defaults)")
-    from alignlab.training.builders import resolve_data_root
-
     mapping = {"data_root": str(resolve_data_root(base_cfg.data))}
     resolved, needs_data = [], False
     for index, entry in enumerate(spec.prepare):
@@ -495,8 +285,10 @@ def _resolve_prepare(spec: AblationSpec, base: dict, path: Path) -> AblationSpec
         if entry.kind == "train":
             name = f"{spec.name}/prepare-{Path(fields['run_dir']).name}"
             fields = _train_config(fields, base, path, where, name=name)
-        elif entry.kind == "teacher_train":
-            fields["config"] = _teacher_arch(fields["config"], base_cfg)
+        elif entry.kind == "teacher_train":  # without arch: the base config's image tower (as `--config`)
+            tower = base_cfg.model.image
+            fields["config"] = entry.step.config.model_validate(fields["config"]).with_default_arch(
+                tower.name, dict(tower.kwargs), base_cfg.data.image_size).model_dump(mode="json")
         try:
             resolved.append(PrepareEntry.model_validate({entry.kind: fields}))
         except ValidationError as err:
@@ -519,15 +311,3 @@ def _train_config(fields: dict, base: dict, path: Path, where: str, name: str) -
     tree = apply_overrides(apply_overrides(tree, {"name": name}), fields["overrides"])
     cfg = validate_config(tree, source=where)
     return {"config": config_to_dict(cfg), "overrides": {}, "run_dir": fields["run_dir"]}
-
-
-def _teacher_arch(settings: dict, base_cfg: ExperimentConfig) -> dict:
-    """Without `arch`: the base config's image tower, as `alignlab teacher train --config` picks it."""
-    if settings.get("arch"):
-        settings["kwargs"] = settings.get("kwargs") or {}
-    else:
-        settings["arch"] = base_cfg.model.image.name
-        settings["kwargs"] = {**dict(base_cfg.model.image.kwargs), **(settings.get("kwargs") or {})}
-    settings["image_size"] = settings.get("image_size") or settings["kwargs"].get("img_size") or \
-        base_cfg.data.image_size
-    return settings

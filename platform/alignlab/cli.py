@@ -4,6 +4,7 @@
   alignlab data import {coco,tsv,webdataset,jsonl}   import a dataset as webdataset shards
   alignlab data filter --data ROOT --out URI         CAT filtering, with DiHT Table A.3 statistics
   alignlab config show CONFIG [key=value ...]        print the resolved, validated config
+  alignlab config schema [spec|config]               JSON schema of an ablation spec (or a config), for editors
   alignlab train CONFIG [key=value ...] [--resume [--allow-config-change]]
                                                      train one config (DDP under torchrun)
   alignlab evaluate CHECKPOINT [--out DIR]           run the evaluation suite on a checkpoint
@@ -59,6 +60,15 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_config_schema(args) -> int:
+    from alignlab.ablation import AblationSpec
+    from alignlab.config import ExperimentConfig
+
+    model = AblationSpec if args.kind == "spec" else ExperimentConfig
+    print(json.dumps(model.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from alignlab.config import default_run_dir, load_config, output_dir_notice
     from alignlab.experiment import run_experiment
@@ -97,7 +107,7 @@ def available_runners() -> dict:
     `alignlab.runners`: functions `(spec_path, overrides, *, resume, verbose) -> report folder`."""
     from importlib.metadata import entry_points
 
-    from alignlab.experiment import run_ablation
+    from alignlab.ablation_runner import run_ablation
 
     return {"inline": run_ablation} | {e.name: e.load() for e in entry_points(group="alignlab.runners")}
 
@@ -138,11 +148,11 @@ def _cmd_tracking_replay(args) -> int:
 
 def _cmd_report(args) -> int:
     from alignlab.ablation import load_spec
-    from alignlab.experiment import ablation_dir, report_ablation
+    from alignlab.ablation_runner import ablation_dir, report_ablation
 
     spec, plans = load_spec(args.spec, args.overrides)
     if args.book:
-        from alignlab.experiment import write_book_page
+        from alignlab.ablation_runner import write_book_page
 
         command = " ".join(["alignlab report", str(args.spec), *args.overrides, "--book"])
         write_book_page(spec, plans, args.book_dir, command=command)
@@ -181,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("overrides", nargs="*", help="key=value, e.g. num_train=20000 mismatch=0.4")
     synth.set_defaults(func=_cmd_data_synth)
 
-    from alignlab.data.import_cli import add_import_arguments, run_import
+    from alignlab.data.cli import add_import_arguments, run_import
     from alignlab.filtering.cli import add_filter_arguments, run_filter
 
     add_import_arguments(data.add_parser("import", help="import COCO / TSV / webdataset / JSONL pairs as shards")
@@ -194,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", type=Path)
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_cmd_config_show)
+    schema = config.add_parser("schema", help="print the JSON schema of an ablation spec or a config")
+    schema.add_argument("kind", nargs="?", choices=("spec", "config"), default="spec",
+                        help="spec: an ablations/*.yaml (default); config: a configs/*.yaml")
+    schema.set_defaults(func=_cmd_config_schema)
 
     tr = sub.add_parser("train", help="train one config")
     tr.add_argument("config", type=Path)
@@ -241,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--book-dir", type=Path, default=Path("docs/results"), help="where the book lives")
     rep.set_defaults(func=_cmd_report)
 
-    from alignlab.report.gate_cli import add_gate_arguments, run_gate
+    from alignlab.report.cli import add_gate_arguments, run_gate
 
     add_gate_arguments(sub.add_parser("gate", help="nightly regression gate against earlier runs in MLflow")
                        ).set_defaults(func=run_gate)

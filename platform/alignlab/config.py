@@ -80,7 +80,8 @@ class TokenizerConfig(_Strict):
 
 
 class ImageTowerConfig(_Strict):
-    """The timm image tower: its init (`pretrained`: random or weights) and how it trains (`mode`, SPEC 3.2).
+    """The timm image tower: its init (`pretrained`: random or weights) and how it trains (`mode`, docs/methods.md
+    "DiHT concept distillation").
 
     mode: train (like every other parameter), locked (LiT: frozen, no gradient, eval mode for norms and
     dropout), ft (trained with lr x `lr_scale`), ft_delay (locked for the first `delay` fraction of the
@@ -210,7 +211,7 @@ class ModelConfig(_Strict):
 
 
 class PSDConfig(_Strict):
-    """Progressive self-distillation (SPEC section 2); defaults are the method, the rest are its ablations."""
+    """Progressive self-distillation (docs/methods.md "PSD"); defaults are the method, the rest are its ablations."""
 
     prediction: Literal["swapped", "forward"] = "swapped"
     partition: Literal["dynamic", "static"] = "dynamic"
@@ -222,7 +223,7 @@ class PSDConfig(_Strict):
 
 
 class HNNCEConfig(_Strict):
-    """HN-NCE hard-negative loss (SPEC section 3.3); defaults are DiHT's LAION setting."""
+    """HN-NCE hard-negative loss (docs/methods.md "HN-NCE"); defaults are DiHT's LAION setting."""
 
     alpha: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.25, ge=0)
@@ -239,7 +240,8 @@ class LossConfig(_Strict):
 
 
 class ConceptDistillConfig(_Strict):
-    """Concept distillation (SPEC 3.2): linear heads on the image embedding learn the teacher's top-k
+    """Concept distillation (docs/methods.md "DiHT concept distillation"): linear heads on the image embedding learn
+    the teacher's top-k
     object / attribute distributions with soft-target cross entropy, next to the contrastive loss."""
 
     targets: Literal["off", "objects", "objects+attributes"] = "off"
@@ -255,7 +257,8 @@ class ConceptDistillConfig(_Strict):
 
 
 class EmbeddingDistillConfig(_Strict):
-    """ED baseline (SPEC 3.2): negative cosine between a learned projection of the student image embedding
+    """ED baseline (docs/methods.md "DiHT concept distillation"): negative cosine between a learned projection of the
+    student image embedding
     and the teacher's image embedding."""
 
     enabled: bool = False
@@ -263,7 +266,8 @@ class EmbeddingDistillConfig(_Strict):
 
 
 class DistributionDistillConfig(_Strict):
-    """DD baseline (SPEC 3.2): teacher-image x student-text similarities, softmax at `temperature`, mixed
+    """DD baseline (docs/methods.md "DiHT concept distillation"): teacher-image x student-text similarities, softmax
+    at `temperature`, mixed
     into InfoNCE's hard labels with weight `lam` (ALBEF's momentum distillation: lam 0.4)."""
 
     enabled: bool = False
@@ -296,7 +300,8 @@ class KnowledgeConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Where teacher targets come from, and which distillation losses use them (SPEC 3.2, section 6).
+    """Where teacher targets come from, and which distillation losses use them (docs/methods.md "DiHT concept
+    distillation").
 
     With `cache` the targets are read from a teacher cache (precomputed once, joined on the sample index);
     "auto" builds or finds the cache for this dataset and teacher before training. Without a cache the
@@ -381,7 +386,7 @@ class EvalConfig(_Strict):
     amr_folds: Literal["random", "contiguous"] = Field(
         "random", description="Average median rank folds: a seeded permutation, or contiguous chunks of the "
         "stored order (the thesis' code).")
-    few_shot: bool = Field(False, description="PGD few-shot probe curve (SPEC 3.4); minutes on a CPU.")
+    few_shot: bool = Field(False, description="PGD few-shot probe curve (DiHT's few-shot probe); minutes on a CPU.")
     few_shot_task: str = "shape_color"
     few_shot_ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     few_shot_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])

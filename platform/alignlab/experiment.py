@@ -1,7 +1,5 @@
-"""One run (train -> evaluate -> track) and a whole ablation (shared data once, every arm x seed, report).
-
-This is the inline runner; pipelines call the same functions step by step.
-"""
+"""One run: its dataset, training, evaluation and MLflow tracking (`alignlab train`, `alignlab evaluate`, the
+pipeline's train and evaluate steps). A whole ablation is `alignlab.ablation_runner`."""
 
 from __future__ import annotations
 
@@ -14,27 +12,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignlab.ablation import AblationSpec, RunPlan, load_spec
-from alignlab.config import ConfigError, ExperimentConfig, config_to_dict, validate_config
+from typing import TYPE_CHECKING
+
+from alignlab.config import ConfigError, ExperimentConfig, config_to_dict
+from alignlab.data.roots import local_eval_root, resolve_data_root
 from alignlab.data.skips import SKIPS_FILE, load_skip_report, skip_metrics
-from alignlab.data.synth import generate_synthcaps
 from alignlab.data.writer import manifest_dataset_hash
-from alignlab.redaction import redact
-from alignlab.report import build_report, write_report
-from alignlab.report.curves import plot_metric_curves
-from alignlab.tracking import RUN_ID_FILE, RunTracker, flatten_params, git_commit, summarise_history
-from alignlab.training import builders
-from alignlab.training.checkpoint import load_checkpoint
-from alignlab.training.distributed import barrier, init_distributed
-from alignlab.training.errors import CheckpointError
 from alignlab.training.resume import CONFIG_HISTORY_FILE
-from alignlab.training.trainer import train
+
+if TYPE_CHECKING:
+    from alignlab.tracking import RunTracker
+
+# torch, MLflow and the generator (PIL) are imported inside the functions that use them: every pipeline step
+# and `alignlab --help` import this module, and most of them need none of those.
 
 
-def prepare_data(cfg: ExperimentConfig) -> Path | str:
+def ensure_dataset(cfg: ExperimentConfig) -> Path | str:
     """The shared data step: generate SynthCaps if the config asks for it (reused when already there)."""
-    root = builders.resolve_data_root(cfg.data)
+    root = resolve_data_root(cfg.data)
     if cfg.data.synth is not None:
+        from alignlab.data.synth import generate_synthcaps
+
         generate_synthcaps(root, cfg.data.synth, progress=True)
     elif not isinstance(root, str) and not root.exists():  # s3:// roots: checked when training opens the shards
         raise FileNotFoundError(f"data.root {root} does not exist: import a dataset there or set data.synth")
@@ -46,13 +44,15 @@ def dataset_hash(root: Path | str) -> str:
     return manifest_dataset_hash(root) or "unknown"
 
 
-def evaluate_checkpoint_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Path) -> dict:
+def evaluate_trained_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Path) -> dict:
+    """The evaluation suite (cfg.eval) on a trained model in memory; returns the flat metrics."""
     from alignlab.evaluate import evaluate_model
+    from alignlab.training import builders
 
     _, eval_transform = builders.transforms_from_config(cfg.data)
     e = cfg.eval
     device = str(next(model.parameters()).device)
-    data_root = builders.local_eval_root(builders.resolve_data_root(cfg.data))  # s3://: a local cached copy
+    data_root = local_eval_root(resolve_data_root(cfg.data))  # s3://: a local cached copy
     metrics = evaluate_model(model, tokenizer, eval_transform, data_root, out_dir, batch_size=e.batch_size,
                              device=device, tasks=tuple(e.zeroshot_tasks), linear_probe_task=e.linear_probe_task,
                              shifts=tuple(e.shifts), histogram=e.histogram, linear_probe_cs=e.linear_probe_cs,
@@ -74,6 +74,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     `data_root` evaluates on another dataset. Returns the suite's flat metrics (see `evaluate_model`)."""
     import torch
 
+    from alignlab.training.run_model import load_run_model
+
     path = Path(checkpoint)
     wanted = "`alignlab evaluate` wants a run's final.pt or checkpoints/step-*.pt"
     if not path.is_file():
@@ -81,20 +83,10 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         raise ConfigError(f"{path} is a config file, not a checkpoint: {wanted} (train it first: alignlab train "
                           f"{path})")
-    state = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code
-    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
-        raise CheckpointError(f"{path} holds no alignlab model and config: {wanted}")
-    tree = state["config"]
-    if data_root:
-        tree["data"]["root"], tree["data"]["synth"] = data_root, None
-    if few_shot:
-        tree["eval"]["few_shot"] = True
-    cfg = validate_config(tree, source=f"config stored in {path}")
-    tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, builders.resolve_data_root(cfg.data))
-    model = builders.model_from_config(cfg.model, tokenizer)
-    model.load_state_dict(state["model"])
+    overrides = {"data.root": data_root, "data.synth": None} if data_root else {}
+    cfg, model, tokenizer = load_run_model(path, overrides=overrides | ({"eval.few_shot": True} if few_shot else {}))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_checkpoint_model(cfg, model, tokenizer, Path(out_dir))
+    return evaluate_trained_model(cfg, model, tokenizer, Path(out_dir))
 
 
 TAG_FAILURE = "alignlab.failure"  # why a run ended FAILED / KILLED, one line
@@ -126,6 +118,8 @@ def start_run_tracking(cfg: ExperimentConfig, run_dir: Path, data_root: Path, *,
     under `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID, set by a pipeline's parent run)."""
     if not cfg.tracking.enabled:
         return None
+    from alignlab.tracking import RunTracker, flatten_params, git_commit
+
     tags = {"alignlab.ablation": ablation or cfg.name, "alignlab.arm": arm or cfg.name,
             "alignlab.seed": str(cfg.seed), "alignlab.git_commit": git_commit(),
             "alignlab.dataset_hash": dataset_hash(data_root), "alignlab.run_dir": str(Path(run_dir).resolve()),
@@ -154,6 +148,10 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
     metrics and summaries; the MLflow run stays open for `finish_run`. Under torchrun every rank calls this;
     only rank 0 writes and tracks. A resume with a changed config (`allow_config_change`) is tagged
     `alignlab.config_changed` in MLflow (the details are in the run folder's config_history.jsonl)."""
+    from alignlab.tracking import summarise_history
+    from alignlab.training.distributed import init_distributed
+    from alignlab.training.trainer import train
+
     run_dir = Path(run_dir)
     dist = dist or init_distributed()
     if dist.is_main and not resume:  # a fresh run: an earlier run's results must not pass for this one's
@@ -191,9 +189,11 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
     evaluation = {}
     if cfg.eval.enabled:
         if trained.model is not None:
-            data_root = builders.resolve_data_root(cfg.data)
-            tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
-            suite = evaluate_checkpoint_model(cfg, trained.model, tokenizer, run_dir / "eval")
+            from alignlab.training.builders import tokenizer_from_config
+
+            data_root = resolve_data_root(cfg.data)
+            tokenizer = tokenizer_from_config(cfg.model, cfg.data, data_root)
+            suite = evaluate_trained_model(cfg, trained.model, tokenizer, run_dir / "eval")
         elif trained.final_checkpoint is not None:
             suite = evaluate_checkpoint(trained.final_checkpoint, run_dir / "eval")
         else:
@@ -240,10 +240,13 @@ def train_only(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, al
     `mlflow_run_id` the metrics go to that open run (the step that launched this job created it), which
     stays open (on failure it gets the `alignlab.failure` tag; the launching step ends it); without it nothing
     is tracked here."""
+    from alignlab.tracking import RunTracker
+    from alignlab.training.distributed import barrier, init_distributed
+
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:
-        prepare_data(cfg)
+        ensure_dataset(cfg)
     barrier()
     tracker = None
     if mlflow_run_id and dist.is_main:
@@ -282,14 +285,16 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
     """Train, evaluate and track one config; returns the flat metrics written to `run_dir/results.json`.
 
     `parent_run_id` (default: $ALIGNLAB_PARENT_RUN_ID) nests the MLflow run under a pipeline's run."""
+    from alignlab.training.distributed import barrier, init_distributed
+
     run_dir = Path(run_dir)
     dist = init_distributed()
     if dist.is_main:  # under torchrun only rank 0 prepares data, tracks, evaluates and writes results
-        prepare_data(cfg)
+        ensure_dataset(cfg)
     barrier()
     tracker = None
     if dist.is_main:
-        tracker = start_run_tracking(cfg, run_dir, builders.resolve_data_root(cfg.data), ablation=ablation, arm=arm,
+        tracker = start_run_tracking(cfg, run_dir, resolve_data_root(cfg.data), ablation=ablation, arm=arm,
                                      world_size=dist.world_size, parent_run_id=parent_run_id)
     try:
         with sigterm_as_interrupt():  # Ctrl-C and SIGTERM end the run KILLED, exceptions FAILED, never RUNNING
@@ -299,154 +304,3 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, ablation: str | None
     except BaseException as err:
         end_tracking_on_error(tracker, err)
         raise
-
-
-def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, resume: bool = False,
-                 verbose: bool = False, print_fn=print) -> Path:
-    """Expand the spec, run the shared data step once per distinct dataset, the spec's `prepare` steps (in
-    order, each skipped when its output is complete), then every arm x seed, the report and the gate.
-
-    Each of those is a task of `alignlab.console.TaskConsole`: one line per task, its output in
-    runs/<ablation>/logs/ (`verbose`: also live); a failed task raises TaskFailed."""
-    from alignlab.console import TaskConsole
-    from alignlab.prepare import run_prepare
-
-    spec, plans = load_spec(spec_path, overrides)
-    roots = sorted({str(builders.resolve_data_root(p.config.data)) for p in plans})
-    console = TaskConsole(ablation_dir(plans) / "logs", verbose=verbose)
-    print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "
-             f"runs, inline; task logs in {console.log_dir}/")
-    console.queued([f"data {Path(root).name}" for root in roots] + (["prepare"] if spec.prepare else [])
-                   + [f"run {plan.arm}/seed-{plan.seed}" for plan in plans] + ["report"]
-                   + (["gate"] if spec.gate is not None else []))
-    printed: list[str] = []
-    try:
-        for root in roots:
-            plan = next(p for p in plans if str(builders.resolve_data_root(p.config.data)) == root)
-            with console.task(f"data {Path(root).name}"):
-                prepare_data(plan.config)
-        if spec.prepare:
-            with console.task("prepare"):
-                run_prepare(spec, plans)
-        for plan in plans:
-            label = f"run {plan.arm}/seed-{plan.seed}"
-            if resume and (plan.run_dir / "results.json").exists():
-                console.skipped(label, "already finished")
-                continue
-            with console.task(label):
-                run_experiment(plan.config, plan.run_dir, ablation=spec.name, arm=plan.arm, resume=resume)
-        with console.task("report"):
-            out_dir = report_ablation(spec, plans, print_fn=printed.append)
-        if spec.gate is not None:
-            with console.task("gate"):
-                gate_ablation(spec, plans, print_fn=printed.append)
-    finally:
-        console.close()
-    print_fn("\n" + "\n".join(printed).rstrip())
-    return out_dir
-
-
-def ablation_dir(plans: list[RunPlan]) -> Path:
-    return Path(plans[0].config.output_dir) / plans[0].ablation
-
-
-def collect_records(plans: list[RunPlan]) -> tuple[list[dict], list[dict]]:
-    """(records of the runs with results.json, {"arm", "seed", "reason"} of the planned runs without one)."""
-    records, missing = [], []
-    for plan in plans:
-        path = plan.run_dir / "results.json"
-        if path.exists():
-            records.append({"arm": plan.arm, "seed": plan.seed, "metrics": json.loads(path.read_text())})
-        else:
-            reason = "started but has no results.json (failed or interrupted)" if plan.run_dir.exists() else "not run"
-            missing.append({"arm": plan.arm, "seed": plan.seed, "reason": f"{reason}: {plan.run_dir}"})
-    return records, missing
-
-
-def report_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print) -> Path:
-    """Write runs/<ablation>/report.{md,csv,json} from the run folders and print the headline table; runs
-    without results are listed in the report as missing. Holm's correction covers the spec's
-    `report_metrics` (the questions the spec asks), over every arm."""
-    records, missing = collect_records(plans)
-    out_dir = ablation_dir(plans)
-    if not records:
-        raise FileNotFoundError(f"no finished runs under {out_dir}: run `alignlab run` first")
-    table = build_report(records, baseline=spec.baseline_arm, family=spec.report_metrics, missing_runs=missing)
-    write_report(table, out_dir, metrics=spec.report_metrics)
-    print_fn(table.to_markdown(metrics=spec.report_metrics, details=False))
-    if spec.report_plot is not None:
-        plot = spec.report_plot
-        points = {p.arm: (redact(str(p.config_value(plot.group))) if plot.group else spec.name,
-                          float(p.config_value(plot.x)))
-                  for p in plans if p.arm in table.arms}
-        png = plot_metric_curves(table, points, plot.metrics, out_dir / "report_plot.png", x_label=plot.x)
-        print_fn(f"plot: {png}")
-    return out_dir
-
-
-GATE_DIR = "gate"
-
-
-def gate_ablation(spec: AblationSpec, plans: list[RunPlan], *, print_fn=print):
-    """The spec's regression gate (None without one): every run of this ablation against the earlier FINISHED
-    runs of its arm in MLflow. Writes runs/<ablation>/gate/gate.{md,json} and the Prometheus exports the spec
-    asks for; returns the GateResult (`status` "regression" when a violation repeated)."""
-    if spec.gate is None:
-        return None
-    from alignlab.report.gate_cli import gate_runs
-    from alignlab.report.regression_gate import load_gate_config, write_gate_report
-    from alignlab.tracking import resolve_tracking_uri
-
-    cfg = plans[0].config
-    if not cfg.tracking.enabled:
-        raise ConfigError(f"ablation {spec.name} has a gate but tracking.enabled is false: the gate compares "
-                          f"MLflow runs; enable tracking")
-    run_ids = []
-    for plan in plans:
-        path = plan.run_dir / RUN_ID_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: run {plan.run_name} was not tracked in MLflow, so the "
-                                    f"gate has nothing to compare (re-run it with tracking enabled)")
-        run_ids.append(path.read_text().strip())
-    result = gate_runs(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment or spec.name, run_ids,
-                       load_gate_config(spec.gate.rules))
-    out_dir = ablation_dir(plans) / GATE_DIR
-    paths = write_gate_report(result, out_dir)
-    if spec.gate.textfile or spec.gate.pushgateway:
-        from alignlab.report.prometheus import push_gate, write_gate_textfile
-
-        if spec.gate.textfile:
-            write_gate_textfile(result, spec.gate.textfile, spec.name)
-        if spec.gate.pushgateway:
-            push_gate(result, spec.gate.pushgateway, "alignlab_gate", spec.name)
-    print_fn(result.to_markdown())
-    print_fn(f"[alignlab] gate {result.status}: {paths['md']}")
-    return result
-
-
-def recipe_summary(plans: list[RunPlan]) -> str:
-    """One line that says what the runs of a book page trained (the base recipe of its first plan)."""
-    cfg = plans[0].config
-    synth = cfg.data.synth
-    data = (f"SynthCaps {synth.num_train} pairs, object_scale {synth.object_scale}, max_objects "
-            f"{synth.max_objects}" if synth is not None else f"data {cfg.data.root}")
-    length = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epochs"
-    seeds = sorted({p.seed for p in plans})
-    return (f"model preset {cfg.model.preset} at {cfg.data.image_size} px, {data}, batch {cfg.train.batch_size}, "
-            f"lr {cfg.train.lr}, {length}, seeds {seeds}")
-
-
-def write_book_page(spec: AblationSpec, plans: list[RunPlan], book_dir: str | Path, *, command: str,
-                    print_fn=print) -> Path:
-    """docs/results/<spec>.md from the spec's finished runs (see alignlab.report.book), and the book index."""
-    from alignlab.report.book import book_page, write_book_index
-
-    records, _ = collect_records(plans)
-    text, status = book_page(spec, records, command=command, recipe=recipe_summary(plans))
-    out = Path(book_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{spec.name}.md"
-    path.write_text(text)
-    write_book_index(out)
-    print_fn(f"[alignlab] results book page: {path} ({status})")
-    return path

@@ -1,8 +1,8 @@
-"""COCO captions JSON + image folder -> image-caption samples (PSD's COCO pretraining, SPEC section 2).
+"""COCO captions JSON + image folder -> image-caption samples (PSD's COCO pretraining, docs/methods.md "PSD").
 
 One sample per image carrying all its captions; PairDataset picks one of them at random on every
 visit, from the sample's aug seed ("COCO pretraining picks one of the five captions at random each
-time"). SynthCaps retrieval splits use the same format (docs/CONTRACT.md).
+time"). SynthCaps retrieval splits use the same format (docs/data-formats.md).
 """
 
 import json

@@ -1,11 +1,11 @@
-"""Training pairs and the resumable, rank-aware batch order (docs/CONTRACT.md, "Training data contract").
+"""Training pairs and the resumable, rank-aware batch order (docs/data-formats.md, "Training data contract").
 
 The batch order is a pure function of (seed, epoch): a run resumed at batch k sees exactly the batches
 an uninterrupted run would. Every sample carries an aug seed derived from (seed, epoch, index), and all
 augmentation randomness (crop, flip, caption choice, caption sub-sequence) comes from it, so batches do
 not depend on the number of DataLoader workers or of ranks. Ranks split each global batch into
 contiguous slices, so rank r of an R-rank run sees rows [r*b, (r+1)*b) of the 1-rank global batch
-(SPEC section 1: the distributed loss must match a single-process run on the same global batch).
+(docs/methods.md "CLIP": the distributed loss must match a single-process run on the same global batch).
 
 Corrupt samples (alignlab.data.skips) never change the batch size. Those the shard index finds are not
 in the index at all, so the order is the one the dataset without them gives. One that only fails when

@@ -499,3 +499,30 @@ def jsonl_candidates(jsonl: str | Path, image_root: str | Path | None = None) ->
                                 image_path=root / image, meta={**meta, "caption_index": j})
         else:
             yield Candidate(where, sanitize_key(str(sample_id)), caption, image_path=root / image, meta=meta)
+
+
+def import_source(format: str, sources: list[str], out: str, *, image_root: str | None, karpathy: str | None,
+                  split: str, header: str, image_column: str, caption_column: str, shard_size: int) -> dict:
+    """Import a dataset in `format` as shards under `out` and return the manifest; the arguments are
+    `ImportSettings`' fields (`import_source(**settings.model_dump())`)."""
+    info: dict = {"format": format}
+    first = sources[0] if sources else None
+    if format == "coco":
+        splits = tuple(s.strip() for s in split.split(",") if s.strip())
+        info |= {"annotations": first, "karpathy": karpathy, "image_root": image_root,
+                 "splits": list(splits) if karpathy else None}
+        items = coco_candidates(first, image_root, karpathy, splits, info=info)
+        pairing = "one sample per (image, caption)"
+    elif format == "tsv":
+        info |= {"tsv": first, "image_root": image_root, "header": header, "image_column": image_column,
+                 "caption_column": caption_column}
+        items, pairing = tsv_candidates(first, image_root, header, image_column, caption_column), None
+    elif format == "webdataset":
+        info |= {"shards": list(sources)}
+        items, pairing = webdataset_candidates(sources), None
+    elif format == "jsonl":
+        info |= {"jsonl": first, "image_root": image_root}
+        items, pairing = jsonl_candidates(first, image_root), "one sample per caption"
+    else:
+        raise ValueError(f"format {format!r}: choose from coco, tsv, webdataset, jsonl")
+    return import_dataset(items, out, info, shard_size=shard_size, pairing=pairing)

@@ -1,4 +1,4 @@
-"""The thesis' pair format (SPEC section 4.4): one JSONL file per split, one pair per line.
+"""The thesis' pair format (docs/data-formats.md): one JSONL file per split, one pair per line.
 
 Each line is {"id" or "sample_id", "image" or "image_path", and "text" or "caption" (a string or a
 list of strings) or "tokens" (already tokenised ids)}. Image paths are relative to the JSONL file's

@@ -10,7 +10,7 @@ _TRAILING_ARTICLE = re.compile(r"(?:^|(?<=[^A-Za-z]))([aA])(\s+)$")
 
 def format_prompt(template: str, classname: str) -> str:
     """Fill a zero-shot prompt, fixing the article right before the placeholder when the class name
-    starts with a vowel letter (SPEC section 5): ("a photo of a {}.", "orange circle") -> "a photo of an
+    starts with a vowel letter: ("a photo of a {}.", "orange circle") -> "a photo of an
     orange circle.". The rule is the letter rule of the source, not pronunciation ("an unicorn")."""
     if template.count("{}") != 1:
         raise ValueError(f"template {template!r} must contain exactly one '{{}}' placeholder for the class name")

@@ -1,7 +1,7 @@
 """Webdataset tar shards: random access for training, from local disk or straight from S3.
 
 A shard holds one sample per key: `<key>.png` (or jpg/jpeg/webp), `<key>.txt` (caption) and
-`<key>.json` (metadata); see docs/CONTRACT.md, "SynthCaps on-disk layout". The key follows the
+`<key>.json` (metadata); see docs/data-formats.md, "SynthCaps on-disk layout". The key follows the
 webdataset convention: the member name up to the first dot of its basename (directory included), and
 a sample is a run of consecutive members with the same key.
 
@@ -50,7 +50,6 @@ from alignlab.storage.base import S3_SCHEME, ObjectInfo, split_s3_uri
 from alignlab.storage.ranged import DEFAULT_READAHEAD, MIN_READAHEAD, RangedReader
 
 import numpy as np
-import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
@@ -456,15 +455,15 @@ def write_shard_index(shard: str | os.PathLike, readahead: int = DEFAULT_READAHE
 
 def iter_webdataset(urls, skipped: list[dict] | None = None,
                     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES) -> Iterator[dict]:
-    """Stream samples of webdataset shards, each read once (local paths, or any URL `webdataset.gopen`
-    opens: `pipe:`, object storage; `urls` is a brace pattern or a list).
+    """Stream samples of webdataset shards, each read once (local paths or s3:// URIs, through
+    `alignlab.storage.open_read`; `urls` is a brace pattern or a list).
 
     Yields the dicts `WebDatasetIndex[i]` returns, in shard order, and skips the same corrupt samples
     (same grouping, same checks, same records, appended to `skipped` if a list is passed; a shard that
     ends early yields the samples before the cut). Images are not decoded here, as in `index[i]`."""
     skipped = [] if skipped is None else skipped
     for url in [url for spec in ([urls] if isinstance(urls, str) else urls) for url in braceexpand(os.fspath(spec))]:
-        with wds.gopen(url) as stream:
+        with storage.open_read(url) as stream:
             walk = TarWalk(stream, url, read_data=True)
             for sample in iter_tar_samples(walk):
                 try:

@@ -1,4 +1,4 @@
-"""Text tokenisers (SPEC section 1): CLIP BPE for PSD and DiHT, BERT-uncased WordPiece for the thesis.
+"""Text tokenisers (docs/methods.md "CLIP"): CLIP BPE for PSD and DiHT, BERT-uncased WordPiece for the thesis.
 
 Every tokeniser is a callable `tokenizer(list[str], generator=None) -> LongTensor [n, context_length]`
 with the attributes `vocab_size`, `context_length`, `pad_id` and `kind`. Both run on the Rust
@@ -7,7 +7,6 @@ with the attributes `vocab_size`, `context_length`, `pad_id` and `kind`. Both ru
 
 import gzip
 import html
-import importlib.util
 from pathlib import Path
 
 import ftfy
@@ -16,7 +15,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 
-CLIP_VOCAB_SIZE = 49408
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # CLIP's word splitter (openai/CLIP simple_tokenizer.py, without its special-token alternatives).
 _CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -36,15 +34,9 @@ def pack_token_ids(sequences: list[list[int]], context_length: int, pad_id: int)
     return torch.from_numpy(packed)
 
 
-def _clip_bpe_file() -> Path:
-    """The BPE merges file shipped inside open_clip_torch, found without importing open_clip (slow)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "open_clip_torch is not installed; it ships the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz "
-            "(install it, or pass vocab_file=<path to that file>)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+# CLIP's BPE merges (OpenAI CLIP, MIT licence; the file open_clip ships), packaged with alignlab so training
+# does not need open_clip at run time (it stays a development dependency: the parity tests compare ids).
+CLIP_BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -70,7 +62,7 @@ def _clean_caption(text: str) -> str:
 
 
 class ClipBPETokenizer:
-    """CLIP byte-level BPE (vocabulary 49,408, context 77; SPEC section 1), ids identical to open_clip.
+    """CLIP byte-level BPE (vocabulary 49,408, context 77; docs/methods.md "CLIP"), ids identical to open_clip.
 
     Each caption becomes [SOT] + BPE ids + [EOT], padded with 0 (open_clip's padding id). A caption
     longer than the context is cut keeping EOT, or, with `random_subsequence=True`, a random contiguous
@@ -83,7 +75,7 @@ class ClipBPETokenizer:
     def __init__(self, context_length: int = 77, random_subsequence: bool = False, bpe_file: str | Path | None = None):
         if context_length < 2:
             raise ValueError(f"context_length={context_length} is too small: CLIP BPE needs room for SOT and EOT")
-        bpe_file = Path(bpe_file) if bpe_file else _clip_bpe_file()
+        bpe_file = Path(bpe_file) if bpe_file else CLIP_BPE_FILE
         if not bpe_file.is_file():
             raise FileNotFoundError(
                 f"CLIP BPE merges file {bpe_file} not found (expected bpe_simple_vocab_16e6.txt.gz)"
@@ -159,7 +151,7 @@ def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
 
 
 class WordPieceTokenizer:
-    """BERT-uncased style WordPiece (the thesis: vocabulary 30,522, at most 64 tokens; SPEC section 1).
+    """BERT-uncased style WordPiece (the thesis: vocabulary 30,522, at most 64 tokens; docs/methods.md "CLIP").
 
     Each caption becomes [CLS] + word pieces + [SEP], cut to `context_length` keeping [SEP], padded
     with [PAD]. Build it from a BERT vocab.txt (`from_vocab`) or learn a vocabulary (`train`).
@@ -251,7 +243,7 @@ def build_tokenizer(
     """Tokeniser by name: "clip_bpe" (context 77 by default) or "wordpiece" (context 64 by default).
 
     wordpiece loads `vocab_file` if given, else trains a vocabulary of `vocab_size` on `train_texts`.
-    clip_bpe uses open_clip's merges file unless `vocab_file` names another one.
+    clip_bpe uses the packaged CLIP merges file (CLIP_BPE_FILE) unless `vocab_file` names another one.
     """
     if kind == "clip_bpe":
         return ClipBPETokenizer(context_length or 77, random_subsequence=random_subsequence, bpe_file=vocab_file)

@@ -1,4 +1,4 @@
-"""Image transforms whose randomness comes only from a passed torch.Generator (SPEC section 1).
+"""Image transforms whose randomness comes only from a passed torch.Generator (docs/methods.md "CLIP").
 
 Train: random resized crop (thesis crop scale [0.9, 1.0] by default; [0.08, 1] is the torchvision and
 CLIP default), optional horizontal flip, CLIP normalisation. Eval: resize the shorter side, centre crop.

@@ -1,4 +1,4 @@
-"""Evaluation suite (SPEC section 5): retrieval, average median rank, zero-shot, linear probe, effective
+"""Evaluation suite: retrieval, average median rank, zero-shot, linear probe, effective
 robustness and similarity histograms, plus `evaluate_model`, which runs them all on a SynthCaps root."""
 
 from alignlab.evaluate.histograms import similarity_histograms

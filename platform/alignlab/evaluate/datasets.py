@@ -1,4 +1,4 @@
-"""Readers for evaluation data on disk (SynthCaps layout, docs/CONTRACT.md).
+"""Readers for evaluation data on disk (SynthCaps layout, docs/data-formats.md).
 
 Both formats are the ones real benchmarks use too: COCO-captions JSON for retrieval (so the Karpathy COCO
 5K / Flickr 1K test files load unchanged) and one folder per class for classification.
@@ -63,7 +63,7 @@ def load_coco_captions(images_dir, captions_json) -> tuple[list[Path], list[str]
 
 
 def load_class_folders(root, split: str) -> tuple[list[Path], Tensor, list[str], list[str]]:
-    """Read `<root>/classes.json` and `<root>/<split>/<class_index:03d>_<classname>/*.png` (CONTRACT.md).
+    """Read `<root>/classes.json` and `<root>/<split>/<class_index:03d>_<classname>/*.png` (docs/data-formats.md).
 
     The class index is the number before the first underscore of the folder name and must agree with
     classes.json (folder name = classname with spaces -> underscores). Returns image paths (sorted by

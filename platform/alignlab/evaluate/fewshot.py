@@ -1,4 +1,4 @@
-"""Few-shot linear probes: DiHT's prompt-initialised PGD probe vs a randomly initialised probe (SPEC 3.4, 5).
+"""Few-shot linear probes: DiHT's prompt-initialised PGD probe vs a randomly initialised probe (DiHT's few-shot probe).
 
 The probe (DiHT section 4.4, the equation after "for some delta, delta_b > 0"):
 
@@ -263,7 +263,7 @@ def few_shot_curve(train_x, train_y, val_x, val_y, test_x, test_y, zero_shot_wei
                    bias_fractions: Sequence[float] = BIAS_FRACTIONS,
                    weight_decays: Sequence[float] = WEIGHT_DECAYS, steps: int = DEFAULT_STEPS,
                    logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict:
-    """Test top-1 of both probes for every k, over k-shot sets drawn by each seed (SPEC section 5, Few-shot).
+    """Test top-1 of both probes for every k, over k-shot sets drawn by each seed (DiHT's few-shot protocol).
 
     Returns a JSON-ready dict: "zero_shot" {"k": 0, "top1"} (the k = 0 point), "ks", "seeds", "logit_scale",
     "steps", "grid" {"delta", "delta_b", "weight_decay"} (absolute values searched) and, for "prompt" and
@@ -333,7 +333,7 @@ def evaluate_few_shot(model, tokenizer: Callable, image_transform: Callable, dat
                       task: str = "shape_color", ks: Sequence[int] = DEFAULT_KS,
                       seeds: Sequence[int] = DEFAULT_SEEDS, batch_size: int = 256, device="cpu",
                       steps: int = DEFAULT_STEPS, logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict:
-    """Few-shot curve on `data_root/classification/<task>/{train,val,test}` (CONTRACT.md layout).
+    """Few-shot curve on `data_root/classification/<task>/{train,val,test}` (docs/data-formats.md layout).
 
     Images are encoded once per split (model in eval mode, restored afterwards), W0 is the prompt-ensembled
     zero-shot classifier from classes.json; the probes are fit on `device`. Writes out_dir/fewshot.json ({"task", "metrics", "curve"}) and

@@ -1,5 +1,4 @@
-"""Positive vs negative cosine-similarity distributions of a test set (SPEC section 5, "Similarity
-distributions").
+"""Positive vs negative cosine-similarity distributions of a test set.
 
 Positives are the (caption, its image) pairs, negatives every other (caption, image) pair. The full
 similarity matrix is visited in caption chunks (chunk_size x num_images at a time) and reduced into fixed

@@ -1,4 +1,4 @@
-"""Linear probe on frozen image features, CLIP's protocol (SPEC section 5, "Linear probe").
+"""Linear probe on frozen image features, CLIP's protocol (docs/methods.md "CLIP").
 
 Logistic regression with L-BFGS and at most 1,000 iterations; the inverse regularisation strength C is
 chosen by validation accuracy over a log-spaced grid, then the probe is refit on train + val with that C and
@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-6, 6, 13))
-MAX_ITER_LIMIT = 1000  # SPEC section 5: L-BFGS, at most 1,000 iterations
+MAX_ITER_LIMIT = 1000  # L-BFGS, at most 1,000 iterations
 
 
 def _as_arrays(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,8 +51,8 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: Sequence[fl
     regularisation) is taken. Features are used as given (no standardisation, as in CLIP).
     """
     if not 1 <= max_iter <= MAX_ITER_LIMIT:
-        raise ValueError(f"max_iter must be in [1, {MAX_ITER_LIMIT}] (SPEC section 5 caps L-BFGS at 1,000 "
-                         f"iterations), got {max_iter}")
+        raise ValueError(f"max_iter must be in [1, {MAX_ITER_LIMIT}] (CLIP's linear-probe protocol caps L-BFGS "
+                         f"at 1,000 iterations), got {max_iter}")
     cs = sorted(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
     if not cs or min(cs) <= 0:
         raise ValueError(f"Cs must be a non-empty list of positive values, got {Cs}")

@@ -99,7 +99,7 @@ def _median(values: Tensor) -> float:
 
 def retrieval_metrics(image_features, text_features, text_to_image, ks: Sequence[int] = (1, 5, 10),
                       chunk_size: int = 1024) -> dict[str, float]:
-    """Full-gallery retrieval over all images x all captions (SPEC section 5, "Retrieval").
+    """Full-gallery retrieval over all images x all captions.
 
     text_to_image[t] is the image index of caption t; an image may have any number (>= 1) of captions.
     Text->image R@K: percentage of captions whose image ranks <= K. Image->text R@K: percentage of images
@@ -217,7 +217,7 @@ def amr_folds(num_images: int, num_folds: int, fold_size: int, seed: int, order:
 def average_median_rank(image_features, text_features, text_to_image, num_folds: int = 5,
                         fold_size: int = 1000, repeats: int = 5, seed: int = 0,
                         order: str = "random") -> dict[str, float]:
-    """Average median rank, the thesis' protocol after SHRe (SPEC section 5; thesis section 1.7.1 / Table 11).
+    """Average median rank, the thesis' protocol after SHRe (thesis section 1.7.1 / Table 11).
 
     Images are split into folds (`amr_folds`: seeded permutation, floor(n / fold_size) folds, or one fold
     of all images when n < fold_size). In repeat r every image is paired with its caption number r (in

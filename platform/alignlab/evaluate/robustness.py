@@ -1,4 +1,4 @@
-"""Effective robustness (SPEC section 5; Taori et al. 2020, "Measuring Robustness to Natural Distribution
+"""Effective robustness (Taori et al. 2020, "Measuring Robustness to Natural Distribution
 Shifts"; CLIP section 3.3).
 
 Across runs of one method, the accuracy under distribution shift is modelled as a linear function of the

@@ -1,4 +1,4 @@
-"""The full evaluation of one model on a SynthCaps-layout data root (SPEC section 5, CONTRACT.md layout).
+"""The full evaluation of one model on a SynthCaps-layout data root (docs/data-formats.md layout).
 
 Parts and the folders they read (relative to data_root):
 - retrieval, average median rank, similarity histogram: retrieval/test/{images/, captions.json}
@@ -30,7 +30,7 @@ from alignlab.evaluate.robustness import effective_robustness
 from alignlab.evaluate.zeroshot import zero_shot_classifier, zero_shot_metrics
 
 HISTOGRAM_PNG = "similarity_histogram.png"
-ROBUSTNESS_TASK = "shape"  # the shift sets are shape-classification test sets (CONTRACT.md)
+ROBUSTNESS_TASK = "shape"  # the shift sets are shape-classification test sets (docs/data-formats.md)
 
 
 def _load_rgb(path: Path) -> Image.Image:
@@ -126,7 +126,7 @@ def evaluate_model(model, tokenizer, image_transform, data_root, out_dir, batch_
                    amr_folds: str = "random") -> dict:
     """Run every evaluation part whose data exists; write `out_dir/eval.json` (and the histogram PNG).
 
-    The model (CONTRACT.md: encode_image / encode_text) must already live on `device`; it is put in eval
+    The model (docs/data-formats.md: encode_image / encode_text) must already live on `device`; it is put in eval
     mode and restored to its previous mode afterwards. Features are encoded under torch.no_grad on `device`
     and moved to CPU, where the metrics are computed. image_transform maps a PIL RGB image to a [3, H, W]
     tensor. linear_probe_task=None turns the probe off. Returns a flat dict: `retrieval/...` (incl.

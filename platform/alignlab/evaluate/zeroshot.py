@@ -1,4 +1,5 @@
-"""Zero-shot classification with prompt-ensembled text prototypes (SPEC section 5, "Zero-shot classification").
+"""Zero-shot classification with prompt-ensembled text prototypes (CLIP's protocol, docs/methods.md
+"CLIP").
 
 Prompt notes (PSD supplement, 000 section 2.3): each template's `{}` is replaced by the class name and the
 article right before it is corrected, a -> an, when the class name starts with a vowel.
@@ -20,7 +21,7 @@ def zero_shot_classifier(encode_text: Callable[[Tensor], Tensor], tokenizer: Cal
                          classnames: Sequence[str], templates: Sequence[str], device="cpu") -> Tensor:
     """[C, d] class prototypes: w_c = normalize(mean_t normalize(encode_text(template_t(class_c)))).
 
-    SPEC section 5: mean of the normalised text embeddings of all templates, renormalised. Embeddings are
+    mean of the normalised text embeddings of all templates, renormalised. Embeddings are
     normalised here even if encode_text already does so, so the average weighs every template equally.
     Tokens are moved to `device` (where the text tower lives); the result is on the same device.
     """
@@ -37,7 +38,7 @@ def zero_shot_classifier(encode_text: Callable[[Tensor], Tensor], tokenizer: Cal
 
 
 def zero_shot_metrics(image_features, classifier, labels) -> dict[str, float]:
-    """Top-1, top-5 and mean per-class recall (percent) of argmax-cosine predictions (SPEC section 5).
+    """Top-1, top-5 and mean per-class recall (percent) of argmax-cosine predictions.
 
     top5 is top-min(5, C). Mean per-class recall averages the recall of the classes present in `labels`
     (a class with no test image has no recall and is left out).

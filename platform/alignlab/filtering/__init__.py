@@ -1,1 +1,2 @@
-"""CAT data filtering (SPEC 3.1): caption complexity and actions, text spotting, CLIP-score baseline."""
+"""CAT data filtering (docs/methods.md "CAT filtering"): caption complexity and actions, text spotting, CLIP-score
+baseline."""

@@ -1,4 +1,5 @@
-"""CLIP-score filtering, the baseline CAT is compared against (SPEC 3.1; DiHT Table 1 row "CLIP").
+"""CLIP-score filtering, the baseline CAT is compared against (docs/methods.md "CAT filtering"; DiHT Table 1 row
+"CLIP").
 
 The score of a pair is the cosine similarity of its image and caption embeddings under a pretrained
 dual encoder; DiHT drops pairs scoring below 0.35 (LAION-400M's rule applied to LAION-2B).
@@ -18,7 +19,7 @@ def clip_scores(model, tokenizer: Callable, image_transform: Callable, images: S
                 captions: Sequence[str], batch_size: int = 256, device="cpu") -> torch.Tensor:
     """[N] float32 cosine similarity between image i and caption i, computed in batches on `device`.
 
-    `model` is any encoder with `encode_image(images)` / `encode_text(tokens)` (CONTRACT.md); the
+    `model` is any encoder with `encode_image(images)` / `encode_text(tokens)` (docs/data-formats.md); the
     features are L2-normalised again here so that the score is a cosine whatever the encoder returns.
     The model is put in eval mode for scoring and restored to its previous mode afterwards.
     """

@@ -1,11 +1,12 @@
-"""CAT filtering of image-caption pairs, stage by stage, with the statistics of DiHT Table A.3 (SPEC 3.1).
+"""CAT filtering of image-caption pairs, stage by stage, with the statistics of DiHT Table A.3 (docs/methods.md "CAT
+filtering").
 
 Stages run in the order given and each sees only the pairs that survived the previous ones, so the
 table reads like Table A.3 ("C1" -> "C1+A" -> "C1+A+T"), and the expensive OCR runs only on the pairs the
 caption filters kept. Every removed pair is attributed to the first stage that rejected it.
 
-- `complexity`: caption complexity >= `min_complexity` (semantic_parser).
-- `action`: caption has >= `min_actions` actions (semantic_parser).
+- `complexity`: caption complexity >= `min_complexity` (data/text/semantic_parser).
+- `action`: caption has >= `min_actions` actions (data/text/semantic_parser).
 - `text_spotting`: drop if the image shows text matching the caption (text_spotting).
 - `clip_score`: the baseline, drop if the CLIP score < `clip_threshold` (clip_score). It runs in this
   process, batched on `device`; the other stages run in `workers` processes, each loading spaCy once.
@@ -20,12 +21,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from alignlab.data.text.semantic_parser import graph_from_doc, load_spacy_model
 from alignlab.filtering.clip_score import clip_scores, keep_clip_score
-from alignlab.filtering.semantic_parser import graph_from_doc, load_spacy_model
+from alignlab.filtering.settings import CAT_STAGES, STAGES, FilterSettings
 from alignlab.filtering.text_spotting import require_tesseract, spot_text, text_matches_caption
 
-STAGES = ("clip_score", "complexity", "action", "text_spotting")
-CAT_STAGES = ("complexity", "action", "text_spotting")
+_DEFAULT = FilterSettings.model_fields  # the thresholds' defaults are FilterSettings' (one definition)
 _PARSER_STAGES = {"complexity", "action"}
 _IMAGE_STAGES = {"text_spotting", "clip_score"}
 
@@ -77,10 +78,13 @@ class FilterResult:
     stats: FilterStats
 
 
-def run_filters(samples, stages=CAT_STAGES, workers: int = 1, *, min_complexity: int = 1, min_actions: int = 1,
-                min_chars: int = 5, min_confidence: float = 0.8, clip_model=None, tokenizer=None,
-                image_transform=None, clip_threshold: float = 0.35, clip_batch_size: int = 256, device="cpu",
-                max_examples: int = 5, task_size: int = 256) -> FilterResult:
+def run_filters(samples, stages=CAT_STAGES, workers: int = 1, *,
+                min_complexity: int = _DEFAULT["min_complexity"].default,
+                min_actions: int = _DEFAULT["min_actions"].default, min_chars: int = _DEFAULT["min_chars"].default,
+                min_confidence: float = _DEFAULT["min_confidence"].default, clip_model=None, tokenizer=None,
+                image_transform=None, clip_threshold: float = _DEFAULT["clip_threshold"].default,
+                clip_batch_size: int = 256, device="cpu", max_examples: int = _DEFAULT["max_examples"].default,
+                task_size: int = 256) -> FilterResult:
     """Filter an iterable of `(sample_id, PIL image, caption)` through `stages` (see module docstring).
 
     Samples are read in chunks, so the iterable may stream from shards. Results do not depend on

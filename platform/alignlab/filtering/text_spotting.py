@@ -1,4 +1,5 @@
-"""Text spotting for the T of CAT filtering (SPEC 3.1; DiHT section 3.1, "Filtering images via text-spotting").
+"""Text spotting for the T of CAT filtering (docs/methods.md "CAT filtering"; DiHT section 3.1, "Filtering images via
+text-spotting").
 
 DiHT drops an image-text pair when an off-the-shelf text spotter finds text in the image with confidence
 >= 0.8 and at least 5 characters of it match the caption in a sliding window. The spotter here is Tesseract

@@ -1,4 +1,4 @@
-"""CLIP contrastive loss (InfoNCE), SPEC section 1."""
+"""CLIP contrastive loss (InfoNCE), docs/methods.md "CLIP"."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def clip_loss(
     logit_scale: torch.Tensor | float,
     distributed: str = "none",
 ) -> torch.Tensor:
-    """Averaged two-direction InfoNCE, SPEC section 1:
+    """Averaged two-direction InfoNCE, docs/methods.md "CLIP":
 
         L = 1/2 [ H(I, rho(s V T^T)) + H(I, rho(s T V^T)) ]
 

@@ -1,4 +1,5 @@
-"""Distillation from a frozen vision teacher (SPEC section 3.2): concept distillation (CD) and the two
+"""Distillation from a frozen vision teacher (docs/methods.md "DiHT concept distillation"): concept distillation (CD)
+and the two
 baselines it is compared with, embedding distillation (ED) and distribution distillation (DD).
 
 Teacher-side tensors (targets, embeddings) never carry a gradient: the teacher is frozen and its
@@ -14,7 +15,8 @@ from alignlab.losses.distributed import gather_column_values, gather_features, g
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Concept distillation, SPEC 3.2 (DiHT eq. for L_CE-obj / L_CE-attr): `H(P, softmax(z))`,
+    """Concept distillation, docs/methods.md "DiHT concept distillation" (DiHT eq. for L_CE-obj / L_CE-attr): `H(P,
+    softmax(z))`,
 
         L = -1/n sum_i sum_c P_ic log softmax(z_i)_c
 
@@ -29,7 +31,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def embedding_distill_loss(student_projected: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
-    """Embedding distillation (ED), SPEC 3.2 (SimSiam-style negative cosine):
+    """Embedding distillation (ED), docs/methods.md "DiHT concept distillation" (SimSiam-style negative cosine):
 
         L = -1/n sum_i cos(g(v_i), e_i)
 
@@ -52,7 +54,8 @@ def distribution_distill_loss(
     temperature: float,
     distributed: str = "none",
 ) -> torch.Tensor:
-    """Distribution distillation (DD), SPEC 3.2 (ALBEF-style soft labels in InfoNCE). With V, T the
+    """Distribution distillation (DD), docs/methods.md "DiHT concept distillation" (ALBEF-style soft labels in
+    InfoNCE). With V, T the
     student's image / text features, U the teacher's image embeddings in the same space (all L2-normalised):
 
         Q_i2t = rho(U T^T; temperature),   Q_t2i = rho(T U^T; temperature)          (stop-gradient)

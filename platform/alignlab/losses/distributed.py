@@ -1,4 +1,4 @@
-"""Cross-rank gathering of embeddings for contrastive losses (SPEC section 1, "Distributed").
+"""Cross-rank gathering of embeddings for contrastive losses (docs/methods.md "CLIP", "Distributed").
 
 Two modes make every loss see the global batch:
   - "global" (PSD): every rank all-gathers all features and computes the loss on the whole global batch.

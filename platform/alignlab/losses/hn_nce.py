@@ -1,4 +1,5 @@
-"""HN-NCE: hard-negative noise-contrastive loss (SPEC section 3.3; DiHT paper 003, section 3.3 and footnote 4)."""
+"""HN-NCE: hard-negative noise-contrastive loss (docs/methods.md "HN-NCE"; DiHT paper 003, section 3.3 and footnote
+4)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def hn_nce_loss(
     detach_weights: bool = False,
     distributed: str = "none",
 ) -> torch.Tensor:
-    """HN-NCE, SPEC section 3.3. Image -> text, with logits l_ij = s v_i . t_j over the n columns of the
+    """HN-NCE, docs/methods.md "HN-NCE". Image -> text, with logits l_ij = s v_i . t_j over the n columns of the
     (global) batch and the positive of row i at column i:
 
         w_ij  = (n-1) exp(beta l_ij) / sum_{k != i} exp(beta l_ik)                       (j != i)
@@ -29,7 +30,7 @@ def hn_nce_loss(
     Text -> image is the same on the rows of s T V^T: for text i the weights are normalised over the
     images k != i, sum_{k != i} exp(beta l_ki) (DiHT's w^{t->i}, whose sum runs over x_k; its printed
     numerator x_j . t_i is read as the positive x_i . t_i, the only reading with which alpha = 1, beta = 0
-    is InfoNCE as the paper states). Returns (L_i2t + L_t2i) / 2; the paper sums (SPEC section 1).
+    is InfoNCE as the paper states). Returns (L_i2t + L_t2i) / 2; the paper sums (docs/methods.md "CLIP").
     alpha = 1, beta = 0 is `clip_loss`.
 
     alpha in (0, 1] (DiHT: 1.0 on LAION, 0.999 on PMD); beta >= 0 (0.25 LAION, 0.5 PMD). detach_weights:

@@ -1,4 +1,4 @@
-"""PSD: progressive self-distillation loss (SPEC section 2; PSD paper 001, Eq. 4 and the objective of 3.4.2)."""
+"""PSD: progressive self-distillation loss (docs/methods.md "PSD"; PSD paper 001, Eq. 4 and the objective of 3.4.2)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def psd_loss(
     detach_targets: bool = True,
     distributed: str = "none",
 ) -> torch.Tensor:
-    """PSD loss, SPEC section 2 (the two parts of `psd_loss_terms`, summed):
+    """PSD loss, docs/methods.md "PSD" (the two parts of `psd_loss_terms`, summed):
 
         L = alpha     * [ H(I_a, rho(s V_a T^T)) + H(I_a, rho(s T_a V^T)) ] / 2
           + (1-alpha) * [ H(A_v[u], rho(s V_u T^T)) + H(A_t[u], rho(s T_u V^T)) ] / 2
@@ -49,7 +49,7 @@ def psd_loss_terms(
 
     image_features, text_features: this rank's L2-normalised [n, d] features V, T (row i of each is pair i);
     logit_scale: s = 1/tau, already exponentiated; aligned_mask: bool [n], True for this rank's aligned
-    pairs (the caller draws the partition: N_a = floor(alpha N) rows for the dynamic one, SPEC section 2).
+    pairs (the caller draws the partition: N_a = floor(alpha N) rows for the dynamic one, docs/methods.md "PSD").
 
     Definitions:
       - Rows are restricted to the aligned set a or the unaligned set u; columns always span the whole
@@ -96,7 +96,7 @@ class _FusedPSD(torch.autograd.Function):
     Row i has weight w_a (aligned) or w_u (unaligned), P = rho(L) and target one-hot e_pos or A:
     dloss/dL_i = (w_a + w_u) P_i - w_a e_pos - w_u A_i. Both directions share one [2, n, N] similarity
     buffer (one op per step for both), which is turned into that gradient in place and saved instead of
-    log-probabilities plus targets: PSD's time and memory stay at CLIP's (SPEC section 2: "same time per
+    log-probabilities plus targets: PSD's time and memory stay at CLIP's (docs/methods.md "PSD": "same time per
     iteration and same memory"; benchmarks/loss_cost.py), and the backward is four matmuls.
     """
 
@@ -110,7 +110,7 @@ class _FusedPSD(torch.autograd.Function):
         positives = positives.view(1, -1, 1).expand(2, -1, 1)
         positive_sims = sims.gather(2, positives).sum(0)[:, 0]  # v_i . t_i + t_i . v_i
         aligned_w, unaligned_w = aligned_weights.view(1, -1, 1), unaligned_weights.view(1, -1, 1)
-        # The target of direction d comes from sims[teacher_of[d]] (SPEC section 2: swapped or forward).
+        # The target of direction d comes from sims[teacher_of[d]] (docs/methods.md "PSD": swapped or forward).
         teacher_of = (1, 0) if swapped else (0, 1)
         targets = teacher_grads = None
         corrections = torch.zeros_like(sims[:, :, 0])
@@ -189,7 +189,7 @@ def _check_arguments(image_features, text_features, alpha, aligned_mask, teacher
         raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
                          f"{tuple(text_features.shape)} must both be [n, d] with the same shape")
     if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1] (the weight of the aligned part, SPEC section 2)")
+        raise ValueError(f"alpha={alpha} must be in [0, 1] (the weight of the aligned part, docs/methods.md 'PSD')")
     if not isinstance(aligned_mask, torch.Tensor) or aligned_mask.dtype != torch.bool \
             or aligned_mask.shape != image_features.shape[:1]:
         got = f"{aligned_mask.dtype} {tuple(aligned_mask.shape)}" if isinstance(aligned_mask, torch.Tensor) \

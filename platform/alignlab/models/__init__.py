@@ -1,4 +1,4 @@
-"""Models (SPEC section 1): a dual encoder of a timm image tower and a CLIP or Hugging Face text tower.
+"""Models (docs/methods.md "CLIP"): a dual encoder of a timm image tower and a CLIP or Hugging Face text tower.
 
 Build one from a named preset, `build_dual_encoder(**get_preset("tiny"))`, or from plain dicts.
 """

@@ -1,9 +1,10 @@
-"""Dual encoder (SPEC section 1): image tower + text tower, each linearly projected to a shared space.
+"""Dual encoder (docs/methods.md "CLIP"): image tower + text tower, each linearly projected to a shared space.
 
 Features are L2-normalised by default; the learnable logit scale s = 1/tau lives in log space
 (initialised to log(1/0.07)) and is capped at 100, as in CLIP, PSD and DiHT.
 
-Distillation heads (SPEC 3.2: the concept heads `f_obj`, `f_attr`, the ED projection) are linear layers on
+Distillation heads (docs/methods.md "DiHT concept distillation": the concept heads `f_obj`, `f_attr`, the ED
+projection) are linear layers on
 the image embedding, added only when a run distils; they are saved with the model and ignored by
 `encode_image` / `encode_text`, so evaluation never sees them.
 """
@@ -54,7 +55,7 @@ class TowerPair(nn.Module):
 
 
 class DualEncoder(TowerPair):
-    """`model(images, tokens) -> {"image_features", "text_features", "logit_scale"}` (docs/CONTRACT.md).
+    """`model(images, tokens) -> {"image_features", "text_features", "logit_scale"}` (docs/data-formats.md).
 
     Each tower is any module with `num_features` and `forward(x) -> [B, num_features]`. The projections have
     no bias (CLIP). The trainer calls `clamp_logit_scale_()` after each optimizer step (open_clip), and the

@@ -1,7 +1,7 @@
 """Named model presets (timm style) and the builder that turns plain dicts into a `DualEncoder`.
 
 A preset is a small registered function returning the keyword arguments of `build_dual_encoder`:
-`build_dual_encoder(**get_preset("vit-b-32"))`. Architectures follow DiHT Table A.1 (SPEC section 3.5).
+`build_dual_encoder(**get_preset("vit-b-32"))`. Architectures follow DiHT Table A.1.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from alignlab.models.dual_encoder import DualEncoder
-from alignlab.models.text_transformer import TextTransformer
+from alignlab.models.text_transformer import CLIP_VOCAB_SIZE, TextTransformer
 from alignlab.models.towers import HFTextTower, ImageTower
 
 _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -86,7 +86,7 @@ def _check_fields(where: str, given: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _clip_text(width: int, layers: int, heads: int, context_length: int = 77) -> dict[str, Any]:
-    return {"kind": "clip", "vocab_size": 49408, "context_length": context_length,
+    return {"kind": "clip", "vocab_size": CLIP_VOCAB_SIZE, "context_length": context_length,
             "width": width, "layers": layers, "heads": heads}
 
 

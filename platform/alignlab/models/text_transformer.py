@@ -1,4 +1,4 @@
-"""CLIP-style text transformer (SPEC section 1: the text tower of the dual encoder).
+"""CLIP-style text transformer (docs/methods.md "CLIP": the text tower of the dual encoder).
 
 Token embedding + learned positional embedding, pre-LN residual attention blocks, a final LayerNorm and
 one pooled vector per caption. Follows open_clip's `TextTransformer` (init included) so that a ViT-B/32
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 POOLS = ("eot", "first", "mean")
+CLIP_VOCAB_SIZE = 49408  # the CLIP BPE: 256 bytes x 2 (word-final or not) + 48,894 merges + SOT, EOT
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -58,7 +59,7 @@ class TextTransformer(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int = 49408,
+        vocab_size: int = CLIP_VOCAB_SIZE,
         context_length: int = 77,
         width: int = 512,
         layers: int = 12,

@@ -1,4 +1,5 @@
-"""Image and text towers built from existing libraries (SPEC section 1 dual encoder; section 4.1 BERT).
+"""Image and text towers built from existing libraries (docs/methods.md "CLIP": the dual encoder; "S-SMKE": the BERT
+text tower).
 
 `ImageTower` wraps any timm model as a pooled-feature extractor; `HFTextTower` wraps a Hugging Face
 transformers encoder (e.g. BERT). Both expose `num_features` and `set_grad_checkpointing` so that

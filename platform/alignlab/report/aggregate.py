@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alignlab.report.stats import compare, holm, mean_ci
+from alignlab.report.stats import MIN_SEEDS, compare, holm, mean_ci
 
 ALPHA = 0.05
-MIN_SEEDS = 3  # fewer finished seeds than this: the arm (and its report) is preliminary
 CSV_COLUMNS = ("arm", "metric", "mean", "std", "n", "seeds", "missing_seeds", "mean_ci_low", "mean_ci_high",
                "delta", "ci_low", "ci_high", "test", "paired", "n_baseline", "p", "p_holm", "p_perm", "p_welch",
                "effect_size", "effect_size_kind", "significant", "preliminary", "baseline")

@@ -22,16 +22,19 @@ when at least one metric was compared, else "insufficient_history"; `gate_exit_c
 import json
 import math
 import numbers
+import re
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from mlflow.tracking import MlflowClient
 
-from alignlab.tracking import TAG_ARM, find_runs, resolve_tracking_uri, sanitise_metric_name
+from alignlab.tracking import TAG_ABLATION, TAG_ARM, find_runs, resolve_tracking_uri, sanitise_metric_name
 from alignlab.tracking.mlflow_tracker import _run_record  # one run by id, in find_runs' shape and names
 from alignlab.yaml12 import describe_yaml_error, load_yaml_text
 
@@ -40,30 +43,27 @@ STATES = ("ok", "violation", "regression", "insufficient_history", "missing")
 STEP_MEDIANS = ("step_time",)  # per-step metrics whose median over a run is gated as `median_<name>`
 
 
-@dataclass(frozen=True)
-class GateRule:
+class GateRule(BaseModel):
     """How one metric is gated: which direction is good and how far from the baseline is still noise."""
 
-    metric: str
-    direction: str
-    abs_tolerance: float | None = None
-    rel_tolerance: float | None = None
-    min_history: int = 3
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
-    def __post_init__(self):
-        where = f"gate rule for {self.metric!r}"
-        if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"gate rule metric must be a non-empty string, got {self.metric!r}")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"{where}: direction must be one of {DIRECTIONS}, got {self.direction!r}")
+    metric: str = Field(min_length=1)
+    direction: Literal["higher", "lower"]
+    abs_tolerance: float | None = Field(None, ge=0)
+    rel_tolerance: float | None = Field(None, ge=0)
+    min_history: int = Field(3, ge=1)
+
+    @field_validator("abs_tolerance", "rel_tolerance", mode="before")
+    @classmethod
+    def _int_is_a_number(cls, value):
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _one_tolerance(self) -> "GateRule":
         if self.abs_tolerance is None and self.rel_tolerance is None:
-            raise ValueError(f"{where}: give abs_tolerance and/or rel_tolerance (e.g. abs_tolerance: 0.02)")
-        for name in ("abs_tolerance", "rel_tolerance"):
-            value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.min_history, int) or isinstance(self.min_history, bool) or self.min_history < 1:
-            raise ValueError(f"{where}: min_history must be an int >= 1, got {self.min_history!r}")
+            raise ValueError("give abs_tolerance and/or rel_tolerance (e.g. abs_tolerance: 0.02)")
+        return self
 
     def allowed_deviation(self, baseline: float) -> float:
         """max(abs_tolerance, rel_tolerance * |baseline|): a change must exceed both given tolerances."""
@@ -77,13 +77,32 @@ class GateRule:
         return value < baseline - allowed if self.direction == "higher" else value > baseline + allowed
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """A rule set with the gate's window and repeat count, as loaded from a rules YAML."""
+class GateConfig(BaseModel):
+    """A rules YAML: the gate's window and repeat count, a default `min_history` and one rule per metric."""
 
-    rules: tuple[GateRule, ...]
-    window: int = 7
-    repeat: int = 2
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: tuple[GateRule, ...] = Field(min_length=1)
+    window: int = Field(7, ge=1, strict=True)
+    repeat: int = Field(2, ge=1, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_min_history(cls, tree):
+        """`min_history` at the top is every rule's default."""
+        if isinstance(tree, dict) and "min_history" in tree and isinstance(tree.get("rules"), list):
+            default = tree["min_history"]
+            tree = {k: v for k, v in tree.items() if k != "min_history"}
+            tree["rules"] = [{"min_history": default, **r} if isinstance(r, dict) else r for r in tree["rules"]]
+        return tree
+
+    @model_validator(mode="after")
+    def _one_rule_per_metric(self) -> "GateConfig":
+        names = [rule.metric for rule in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"metrics {duplicates} have more than one rule; keep one rule per metric")
+        return self
 
 
 @dataclass(frozen=True)
@@ -295,12 +314,9 @@ def write_gate_report(result: GateResult, out_dir: str | Path) -> dict[str, Path
     return paths
 
 
-_RULE_KEYS = {"metric", "direction", "abs_tolerance", "rel_tolerance", "min_history"}
-_TOP_KEYS = {"window", "repeat", "min_history", "rules"}
-
-
 def load_gate_config(path: str | Path) -> GateConfig:
-    """Read a rules YAML: `window`, `repeat`, a default `min_history` and a list of `rules` (GateRule fields)."""
+    """Read a rules YAML: `window`, `repeat`, a default `min_history` and a list of `rules` (GateRule fields);
+    errors name the file and the field (`rules[0].direction: ...`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"gate rules file {path} does not exist")
@@ -308,31 +324,16 @@ def load_gate_config(path: str | Path) -> GateConfig:
         tree = load_yaml_text(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML at {describe_yaml_error(err)}") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("rules"), list) or not tree["rules"]:
-        raise ValueError(f"{path}: expected a mapping with a non-empty list under 'rules'")
-    unknown = sorted(set(tree) - _TOP_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
-    default_min = tree.get("min_history", 3)
-    rules = []
-    for index, entry in enumerate(tree["rules"]):
-        if not isinstance(entry, dict) or set(entry) - _RULE_KEYS:
-            raise ValueError(f"{path}: rules[{index}] must be a mapping with keys from {sorted(_RULE_KEYS)}, "
-                             f"got {entry!r}")
-        try:
-            rules.append(GateRule(**{"min_history": default_min, **entry}))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: rules[{index}]: {error}") from None
-    names = [rule.metric for rule in rules]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"{path}: metrics {duplicates} have more than one rule; keep one rule per metric")
-    window, repeat = tree.get("window", 7), tree.get("repeat", 2)
     try:
-        _check_window_repeat(window, repeat)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-    return GateConfig(rules=tuple(rules), window=window, repeat=repeat)
+        return GateConfig.model_validate(tree)
+    except ValidationError as err:
+        errors = err.errors()
+        errors = [e for e in errors if e["type"] != "too_short" or len(errors) == 1]  # bad rules leave none
+        problems = []
+        for error in errors:
+            where = re.sub(r"\.(\d+)", r"[\1]", ".".join(map(str, error["loc"])))
+            problems.append(f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}")
+        raise ValueError(f"{path}: " + "; ".join(problems)) from None
 
 
 def _gate_values(client: MlflowClient, record: dict, step_medians: Sequence[str]) -> dict[str, float]:
@@ -375,3 +376,20 @@ def run_gate_values(tracking_uri: str | None, run_id: str,
         raise ValueError(f"run {run_id!r} not found in {uri}: {error}") from None
     record = _run_record(run)
     return record, _gate_values(client, record, step_medians)
+
+
+def gate_runs(tracking_uri: str | None, experiment: str, run_ids: list[str], config: GateConfig) -> GateResult:
+    """Gate each run against the earlier FINISHED runs of its (ablation, arm); returns the combined GateResult."""
+    results = []
+    for run_id in run_ids:
+        record, today = run_gate_values(tracking_uri, run_id)
+        if record["status"] != "FINISHED":
+            raise ValueError(f"run {run_id} is {record['status']}; the gate compares FINISHED runs only")
+        tags = record["tags"]
+        arm = tags.get(TAG_ARM, "")
+        filter_tags = {TAG_ABLATION: tags[TAG_ABLATION]} if TAG_ABLATION in tags else {}
+        history = history_from_mlflow(tracking_uri, experiment, filter_tags, arm=arm if arm else None,
+                                      started_before=record["start_time"])
+        results.append(evaluate_gate(today, history, config.rules, window=config.window,
+                                     repeat=config.repeat, arm=arm))
+    return combine_gates(results)

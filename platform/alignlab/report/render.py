@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 import textwrap
+from typing import TYPE_CHECKING
 
-from alignlab.report.aggregate import MIN_SEEDS, ReportTable
+from alignlab.report.stats import MIN_SEEDS
+
+if TYPE_CHECKING:  # aggregate imports this module to render its tables
+    from alignlab.report.aggregate import ReportTable
 
 
 def _decimals(spread: float) -> int | None:

@@ -24,6 +24,7 @@ CONFIDENCE = 0.95
 EXACT_PERMUTATION_MAX_N = 16  # 2^16 sign patterns enumerated at most; Monte Carlo beyond
 PERMUTATION_RESAMPLES = 100_000
 PERMUTATION_SEED = 0
+MIN_SEEDS = 3  # fewer finished seeds than this: an arm (and its report) is preliminary
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,20 @@ def paired_t(a: Sequence[float], b: Sequence[float],
 
 def welch_t(a: Sequence[float], b: Sequence[float],
             confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
-    """(mean(a) - mean(b), CI low, CI high, two-sided p) of Welch's t-test. CI: delta ± t_{(1+c)/2, nu} *
-    sqrt(s_a^2/n_a + s_b^2/n_b) with the Welch-Satterthwaite nu; p from scipy.stats.ttest_ind(
-    equal_var=False). No spread in either sample: the interval collapses onto delta and p is NaN (t is
-    undefined, see `paired_t`). NaN interval and p unless both samples have >= 2 values."""
+    """(mean(a) - mean(b), CI low, CI high, two-sided p) of Welch's t-test, one scipy call:
+    `scipy.stats.ttest_ind(equal_var=False)` and its `confidence_interval` (delta ± t_{(1+c)/2, nu} *
+    sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite nu). No spread in either sample: the interval
+    collapses onto delta and p is NaN (t is undefined, see `paired_t`). NaN interval and p unless both
+    samples have >= 2 values."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2:
         return delta, math.nan, math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
+    if a.var() + b.var() == 0:
         return delta, delta, delta, math.nan
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, dof) * math.sqrt(va + vb))
-    return delta, delta - half, delta + half, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    result = stats.ttest_ind(a, b, equal_var=False)
+    interval = result.confidence_interval(confidence)
+    return delta, float(interval.low), float(interval.high), float(result.pvalue)
 
 
 def sign_flip_p(differences: Sequence[float], *, max_exact_n: int = EXACT_PERMUTATION_MAX_N,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 log = logging.getLogger("alignlab.storage")
 
 S3_SCHEME = "s3://"
@@ -97,22 +99,23 @@ def checked_range(uri: str, data: bytes, start: int, length: int) -> bytes:
     return data
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(BaseModel):
     """Exponential backoff with full jitter: before retry n (n = 1, 2, ...) sleep
     uniform(0, min(max_delay, base_delay * 2 ** (n - 1))) seconds (AWS Architecture Blog,
     "Exponential Backoff And Jitter", 2015). `attempts` counts the first try."""
 
-    attempts: int = DEFAULT_ATTEMPTS
-    base_delay: float = 0.2
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    attempts: int = Field(DEFAULT_ATTEMPTS, ge=1)
+    base_delay: float = Field(0.2, ge=0)
     max_delay: float = 10.0
 
-    def __post_init__(self):
-        if self.attempts < 1:
-            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
-        if self.base_delay < 0 or self.max_delay < self.base_delay:
-            raise ValueError(f"RetryPolicy needs 0 <= base_delay <= max_delay, got base_delay="
-                             f"{self.base_delay}, max_delay={self.max_delay}")
+    @model_validator(mode="after")
+    def _ordered(self) -> "RetryPolicy":
+        if self.max_delay < self.base_delay:
+            raise ValueError(f"RetryPolicy needs base_delay <= max_delay, got base_delay={self.base_delay}, "
+                             f"max_delay={self.max_delay}")
+        return self
 
     def delay_cap(self, retry: int) -> float:
         """Upper bound of the sleep before retry number `retry` (1-based)."""

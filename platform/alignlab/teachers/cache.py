@@ -1,5 +1,7 @@
-"""The teacher feature cache: teacher targets computed once per image and stored compactly (SPEC 3.2: DiHT
-keeps the renormalised top-10 of two concept heads, ~80 bytes per image; SPEC 4.2: logits and CLS vectors
+"""The teacher feature cache: teacher targets computed once per image and stored compactly (docs/methods.md "DiHT
+concept distillation": DiHT
+keeps the renormalised top-10 of two concept heads, ~80 bytes per image; docs/methods.md "S-SMKE": logits and CLS
+vectors
 can be cached per image id for one or a few augmented views, and which ones must be recorded).
 
 Layout (any `alignlab.storage` URI, local or s3://):
@@ -515,3 +517,21 @@ def _load_array(store, key: str, expected: str, local: bool, verify: bool) -> np
                                  "overwritten); rebuild the cache")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     return np.load(io.BytesIO(_read_checked(store, key, expected, verify)), allow_pickle=False)
+
+
+def cache_teacher_targets(teacher: str, data: str, out: str, *, arch: str | None, arch_kwargs: dict | None,
+                          targets: Sequence[str], k: int, views: int, view_seed: int, image_size: int | None,
+                          batch_size: int, shard_size: int, num_workers: int, train: str, device: str | None,
+                          force: bool, progress: bool = False) -> str:
+    """Load the teacher `teacher` (`load_teacher`: timm:<name>, hf:<dir>, a teacher folder or a checkpoint)
+    onto `device` (default: cuda when available) and build its cache of `data` under `out`; returns the
+    cache's URI. The arguments are `TeacherCacheSettings`' fields (`alignlab teacher cache`, a spec's
+    `teacher_cache` prepare step)."""
+    from alignlab.teachers.registry import load_teacher
+
+    model = load_teacher(teacher, arch=arch, kwargs=arch_kwargs)
+    model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return build_teacher_cache(model, data if data.startswith(S3_SCHEME) else Path(data), out, targets=list(targets),
+                               k=k, views=views, batch_size=batch_size, image_size=image_size, view_seed=view_seed,
+                               shard_size=shard_size, train=train, num_workers=num_workers, force=force,
+                               progress=progress)

@@ -1,8 +1,8 @@
-"""DiHT concept heads (SPEC 3.2): linear "objects" and "attributes" heads on frozen teacher features, trained
+"""DiHT concept heads (docs/methods.md, "DiHT concept distillation"): linear "objects" and "attributes" heads on frozen teacher features, trained
 on concepts parsed from the captions.
 
 - Concepts of a caption: the semantic parser's objects (nouns) and attributes (adjectives, numerals, noun
-  modifiers), lower-cased words (`alignlab.filtering.semantic_parser`).
+  modifiers), lower-cased words (`alignlab.data.text.semantic_parser`).
 - Vocabulary: the concepts occurring in at least `min_count` training captions (DiHT: >= 250 on 4 B pairs).
 - Target of a caption with K in-vocabulary concepts: 1/K on each. A caption with none gives no target for
   that head; it is left out of that head's training and counted (`skipped`).
@@ -15,41 +15,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab.teachers.settings import ConceptSettings
 
-@dataclass(frozen=True)
-class ConceptHeadConfig:
-    """Settings of concept-head training; DiHT's values are the defaults, except the number of epochs."""
-
-    min_count: int = 5
-    epochs: int = 30
-    batch_size: int = 256
-    base_lr: float = 0.001  # lr = base_lr * batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    resample: str = "inv_sqrt"  # or "none"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.min_count < 1 or self.epochs < 1 or self.batch_size < 1 or self.base_lr <= 0:
-            raise ValueError(f"concept heads: min_count, epochs, batch_size must be >= 1 and base_lr > 0, got {self}")
-        if self.resample not in ("inv_sqrt", "none"):
-            raise ValueError(f"concept heads: resample={self.resample!r} is not 'inv_sqrt' or 'none'")
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.batch_size / 256
+# DiHT's SGD settings of concept-head training (not exposed: the paper fixes them)
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
 
 
 def caption_concepts(captions: Sequence[str], batch_size: int = 256) -> dict[str, list[list[str]]]:
     """{"objects": [...], "attributes": [...]}: per caption, its distinct parsed concepts in order of appearance."""
-    from alignlab.filtering.semantic_parser import parse_captions
+    from alignlab.data.text.semantic_parser import parse_captions
 
     graphs = parse_captions(list(captions), batch_size=batch_size)
     return {"objects": [list(dict.fromkeys(g.objects)) for g in graphs],
@@ -88,20 +69,20 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def train_concept_head(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
-                       config: ConceptHeadConfig) -> tuple[nn.Linear, dict]:
+                       config: ConceptSettings, seed: int = 0) -> tuple[nn.Linear, dict]:
     """A linear head trained on fixed `features` [N, D] against soft `targets` [N, K] (rows with a target
     only). `weights` [N] drives resampling (None or all-equal: a plain shuffle). Returns the head and
     {"loss_first_epoch", "loss_last_epoch", "steps", "lr"}."""
     if len(features) == 0:
         raise ValueError("no caption has an in-vocabulary concept for this head: lower min_count or use more data")
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     head = nn.Linear(features.shape[1], targets.shape[1])
-    with torch.no_grad():  # deterministic init from the config's seed
+    with torch.no_grad():  # deterministic init from the seed
         bound = 1 / math.sqrt(features.shape[1])
         head.weight.uniform_(-bound, bound, generator=generator)
         head.bias.zero_()
-    optimizer = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
     n, losses, steps = len(features), [], 0
     for _ in range(config.epochs):
         if weights is not None and config.resample == "inv_sqrt":

@@ -1,4 +1,5 @@
-"""Frozen vision teachers behind one interface (SPEC 3.2 concept distillation, 4.2 teachers and targets).
+"""Frozen vision teachers behind one interface (docs/methods.md "DiHT concept distillation" and "S-SMKE": teachers and
+their targets).
 
 `load_teacher(source)` turns any of these into a `Teacher`:
 
@@ -324,7 +325,7 @@ def load_teacher(source: str, *, arch: str | None = None, kwargs: dict[str, Any]
                                 "nor an existing checkpoint file")
     if arch:
         return _timm_teacher(_timm_name(arch, source), kwargs, False, path, source=source, **overrides)
-    from alignlab.training.checkpoint import load_checkpoint
+    from alignlab.storage.torch_files import load_checkpoint
 
     state = load_checkpoint(path)  # weights-only: a teacher file from elsewhere cannot run code
     if isinstance(state, dict) and "model" in state and "config" in state:

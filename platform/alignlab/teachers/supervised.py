@@ -1,6 +1,7 @@
 """`alignlab teacher train`: a small supervised image teacher on SynthCaps plus DiHT concept heads.
 
-(a) Supervised backbone (stand-in for SWAG / ResNet-50-A1, SPEC 3.2 and 4.2): a timm model, by default the
+(a) Supervised backbone (stand-in for SWAG / ResNet-50-A1, docs/methods.md "DiHT concept distillation" and "S-SMKE"):
+a timm model, by default the
     student's image tower (same name and kwargs as `model.image`), trained from scratch with a multi-label
     head on the generator's TRUE labels from each sample's metadata: shapes (objects), colours and sizes
     (attributes); binary cross entropy, AdamW, cosine schedule. A held-out part of the training pairs
@@ -21,7 +22,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from alignlab.data.dataset import open_train_source, sample_aug_seed
 from alignlab.data.skips import CorruptSampleError
 from alignlab.data.synth.scene import COLOR_NAMES, SHAPES, SIZES
 from alignlab.data.transforms import CLIP_MEAN, CLIP_STD, build_image_transform
-from alignlab.teachers.concepts import (ConceptHeadConfig, build_vocabulary, caption_concepts, concept_targets,
+from alignlab.storage.torch_files import atomic_torch_save
+from alignlab.teachers.concepts import (build_vocabulary, caption_concepts, concept_targets,
                                         resampling_weights, top1_in_concepts, train_concept_head)
 from alignlab.teachers.registry import (BACKBONE_WEIGHTS, CONCEPT_HEADS, TEACHER_JSON, TEACHER_WEIGHTS, Teacher,
                                         TimmBackbone, state_dict_hash)
-from alignlab.training.checkpoint import atomic_torch_save
+from alignlab.teachers.settings import ConceptSettings, TeacherSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +47,10 @@ LABEL_GROUPS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLOR_NAME
 LABEL_NAMES: list[str] = [name for names in LABEL_GROUPS.values() for name in names]
 
 
-@dataclass
-class TeacherTrainConfig:
-    """What `alignlab teacher train` trains; arch/kwargs default to the experiment config's image tower."""
-
-    arch: str = ""
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    image_size: int = 64
-    epochs: int = 3  # 2,000 pairs, tiny preset: 252 s on 2 shared (busy) cores; 10 epochs took 833 s
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    holdout: float = 0.1
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    seed: int = 0
-    concepts: ConceptHeadConfig = field(default_factory=ConceptHeadConfig)
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"teacher train: epochs and batch_size must be >= 1 and lr > 0 (got {self.epochs}, "
-                             f"{self.batch_size}, {self.lr})")
-        tower_size = self.kwargs.get("img_size")
-        if tower_size is not None and tower_size != self.image_size:
-            raise ValueError(f"teacher train: image_size={self.image_size} but kwargs img_size={tower_size}; set both "
-                             "to the same size")
-        if not 0 < self.holdout < 1:
-            raise ValueError(f"teacher train: holdout is a fraction in (0, 1), got {self.holdout}")
+# The supervised backbone's fixed recipe (AdamW, linear warm-up then cosine, mild random crops)
+WEIGHT_DECAY = 0.05
+WARMUP_FRACTION = 0.1
+CROP_SCALE = (0.9, 1.0)
 
 
 def default_arch() -> tuple[str, dict[str, Any], int]:
@@ -136,13 +114,13 @@ def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 
 
 def train_backbone(model: torch.nn.Module, images: list[Image.Image], labels: torch.Tensor, rows: torch.Tensor,
-                   config: TeacherTrainConfig) -> list[float]:
+                   config: TeacherSettings) -> list[float]:
     """Multi-label BCE training of `model` (timm, num_classes = len(LABEL_NAMES)); returns the mean loss per epoch."""
-    transform = build_image_transform(config.image_size, train=True, crop_scale=config.crop_scale)
+    transform = build_image_transform(config.image_size, train=True, crop_scale=CROP_SCALE)
     steps_per_epoch = math.ceil(len(rows) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(total * config.warmup_fraction)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=WEIGHT_DECAY)
+    warmup = int(total * WARMUP_FRACTION)
     epoch_losses, step = [], 0
     model.train()
     for epoch in range(config.epochs):
@@ -193,13 +171,14 @@ def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, dict
     return out
 
 
-def train_teacher(data_root: str | Path, out_dir: str | Path, config: TeacherTrainConfig | None = None,
+def train_teacher(data_root: str | Path, out_dir: str | Path, config: TeacherSettings | None = None,
                   train: str = "train") -> dict:
     """Train the supervised backbone and the concept heads on SynthCaps at `data_root`; write the teacher
-    folder `out_dir` (see the module docstring) and return teacher.json's content."""
-    config = config or TeacherTrainConfig()
-    if not config.arch:
-        config.arch, config.kwargs, config.image_size = default_arch()
+    folder `out_dir` (see the module docstring) and return teacher.json's content. Without `config.arch` the
+    teacher is the default experiment config's image tower."""
+    config = config or TeacherSettings()
+    if not config.arch or not config.image_size:
+        config = config.with_default_arch(*default_arch())
     name = config.arch.removeprefix("timm:")
     if not timm.is_model(name):
         raise ValueError(f"teacher arch {config.arch!r} is not a timm model; list candidates with timm.list_models()")
@@ -219,7 +198,8 @@ def train_teacher(data_root: str | Path, out_dir: str | Path, config: TeacherTra
     parsed = caption_concepts(captions)
     heads, vocabularies, concept_summary = {}, {}, {}
     for head_name in CONCEPT_HEADS:
-        head, vocab, summary = _fit_concept_head(parsed[head_name], features, train_rows, held_rows, config.concepts)
+        head, vocab, summary = _fit_concept_head(parsed[head_name], features, train_rows, held_rows, config.concepts,
+                                                  config.seed)
         heads[head_name], vocabularies[head_name], concept_summary[head_name] = head, vocab, summary
 
     teacher = Teacher(TimmBackbone(model), mean=CLIP_MEAN, std=CLIP_STD, image_size=config.image_size,
@@ -239,7 +219,7 @@ def train_teacher(data_root: str | Path, out_dir: str | Path, config: TeacherTra
 
 
 def _fit_concept_head(concepts: list[list[str]], features: torch.Tensor, train_rows: torch.Tensor,
-                      held_rows: torch.Tensor, config: ConceptHeadConfig):
+                      held_rows: torch.Tensor, config: ConceptSettings, seed: int):
     """Vocabulary from the training part, head trained on its rows that have a target, held-out top-1."""
     train_concepts = [concepts[i] for i in train_rows.tolist()]
     vocab, counts = build_vocabulary(train_concepts, config.min_count)
@@ -249,7 +229,7 @@ def _fit_concept_head(concepts: list[list[str]], features: torch.Tensor, train_r
     targets, has_target = concept_targets(concepts, vocab)
     weights = resampling_weights(concepts, vocab, counts)
     fit = train_rows[has_target[train_rows]]
-    head, stats = train_concept_head(features[fit], targets[fit], weights[fit], config)
+    head, stats = train_concept_head(features[fit], targets[fit], weights[fit], config, seed=seed)
     held = held_rows[has_target[held_rows]]
     with torch.no_grad():
         holdout_top1 = top1_in_concepts(head(features[held]), targets[held])
@@ -261,7 +241,7 @@ def _fit_concept_head(concepts: list[list[str]], features: torch.Tensor, train_r
                          "holdout_top1_in_concepts": holdout_top1, **stats}
 
 
-def _write_teacher(out_dir: Path, teacher: Teacher, model, config: TeacherTrainConfig, name: str, data_root,
+def _write_teacher(out_dir: Path, teacher: Teacher, model, config: TeacherSettings, name: str, data_root,
                    summary: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = model.pretrained_cfg.get("classifier") or "head"
@@ -278,7 +258,7 @@ def _write_teacher(out_dir: Path, teacher: Teacher, model, config: TeacherTrainC
         "weights_hash": teacher.weights_hash, "backbone_hash": state_dict_hash(backbone),
         "data": {"root": str(data_root), "dataset_hash": json.loads(manifest.read_text()).get("dataset_hash")
                  if manifest.is_file() else None},
-        "config": {**asdict(config), "concepts": asdict(config.concepts)}, "summary": summary,
+        "config": config.model_dump(mode="json"), "summary": summary,
     }
     payload = json.dumps(meta, indent=1, default=list).encode()
     from alignlab.storage.local import write_atomically

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
 from pathlib import Path
 
@@ -32,24 +29,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_data_root(data: DataConfig) -> Path | str:
-    """Where the dataset lives: `root` itself, or a per-generator-config folder under it for SynthCaps.
-
-    An `s3://bucket/prefix` root is returned as that URI string (a Path would fold its `//`); training
-    then streams its webdataset shards from S3 (alignlab.data.shards). SynthCaps is generated locally,
-    so `data.synth` with an s3:// root is refused."""
-    if data.root.startswith("s3://"):
-        if data.synth is not None:
-            raise ValueError(f"data.synth generates SynthCaps on local disk, but data.root is {data.root}: "
-                             "generate it locally, upload the folder, and set data.synth to null")
-        return data.root.rstrip("/")
-    root = Path(data.root)
-    if data.synth is None:
-        return root
-    digest = hashlib.sha256(json.dumps(data.synth.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return root / f"synthcaps-{digest[:12]}"
 
 
 def tokenizer_from_config(model: ModelConfig, data: DataConfig | None = None, data_root: Path | str | None = None):
@@ -120,39 +99,6 @@ def _manifest_for(data_root: Path | str) -> str | None:
     return f"{data_root}/manifest.json" if isinstance(data_root, str) else None
 
 
-EVAL_FOLDERS = ("retrieval", "classification", "shift")  # what alignlab.evaluate reads (data-formats.md)
-
-
-def local_eval_root(data_root: Path | str, cache_dir: str | Path | None = None) -> Path:
-    """The folder evaluation reads from local disk: `data_root` itself, or for an s3:// root a copy of
-    its small evaluation folders (retrieval/, classification/, shift/) plus manifest.json under
-    `<cache_dir>/<manifest's dataset_hash>` (default $ALIGNLAB_CACHE_DIR/datasets, else
-    ~/.cache/alignlab/datasets), downloaded once, verified against the manifest's sha256, and reused
-    by every later run on the same dataset content. Train shards are never downloaded."""
-    if not isinstance(data_root, str):
-        return Path(data_root)
-    from alignlab import storage
-
-    manifest_uri = f"{data_root}/manifest.json"
-    try:
-        manifest = json.loads(storage.read_bytes(manifest_uri))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"evaluating on {data_root} needs {manifest_uri} (it names and checksums the "
-                                "evaluation files); upload the dataset with its manifest, or set "
-                                "eval.enabled=false") from None
-    files, digest = manifest.get("files"), manifest.get("dataset_hash")
-    if not isinstance(files, dict) or not isinstance(digest, str) or not digest.isalnum():
-        raise ValueError(f"{manifest_uri} needs a 'files' mapping and an alphanumeric 'dataset_hash' (SynthCaps "
-                         "manifest format) to cache the evaluation folders")
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("ALIGNLAB_CACHE_DIR") or Path.home() / ".cache" / "alignlab") / "datasets"
-    target = Path(cache_dir) / digest
-    if not target.is_dir():
-        keys = [key for key in files if key.split("/")[0] in EVAL_FOLDERS] + ["manifest.json"]
-        storage.download_tree(data_root, keys, target, checksums={k: v for k, v in files.items() if k in keys})
-    return target
-
-
 def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
     t = model.text
     if t.kind == "clip":
@@ -199,7 +145,8 @@ def train_dataset_from_config(data: DataConfig, data_root: Path | str, tokenizer
 
 def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: DistillConfig | None = None):
     """A callable `(outputs, batch_context) -> (terms, logs)`: named loss terms the trainer sums, and
-    scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (SPEC 3.2)
+    scalars to log alongside them (e.g. PSD's alpha). With `distill`, the distillation terms (docs/methods.md "DiHT
+    concept distillation")
     join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
     if distill is not None and distill.knowledge.kind != "off":
@@ -360,9 +307,3 @@ def image_tower_locked_at(image: ImageTowerConfig, step: int, total_steps: int) 
     if image.mode == "ft_delay":
         return step < round(image.delay * total_steps)
     return False
-
-
-def experiment_summary(cfg: ExperimentConfig) -> str:
-    m = cfg.model
-    return (f"{cfg.name}: model {m.preset or m.image.name} (embed {m.embed_dim}), loss {cfg.loss.name}, "
-            f"batch {cfg.train.batch_size}, lr {cfg.train.lr}, epochs {cfg.train.epochs}, seed {cfg.seed}")

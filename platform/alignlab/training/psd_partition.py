@@ -1,4 +1,4 @@
-"""PSD's progressive schedule and minibatch partitioning (SPEC section 2; PSD section 3.3).
+"""PSD's progressive schedule and minibatch partitioning (docs/methods.md "PSD"; PSD section 3.3).
 
 alpha(t) decays over training (cosine 0.8 -> 0.2 is the method; linear gives the same results; constant
 alpha is the "no progressive distillation" ablation). Each global batch of N pairs is split into

@@ -1,4 +1,5 @@
-"""Teacher targets for one batch (SPEC 3.2): read from a teacher cache, or from the teacher run online.
+"""Teacher targets for one batch (docs/methods.md "DiHT concept distillation"): read from a teacher cache, or from the
+teacher run online.
 
 `TeacherTargets(images, indices)` returns what the distillation losses read, on the batch's device:
 "objects" / "attributes" (the teacher's top-k distributions [B, K], renormalised), "embedding" (the

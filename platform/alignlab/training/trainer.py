@@ -14,7 +14,8 @@ of all micro-batches are first computed without gradient, then each micro-batch 
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
 still sees every negative of the full batch.
 
-Distillation (SPEC 3.2) adds two things per batch: the teacher targets (`TeacherTargets`, from a cache joined
+Distillation (docs/methods.md "DiHT concept distillation") adds two things per batch: the teacher targets
+(`TeacherTargets`, from a cache joined
 on sample indices or from the teacher online) go into the loss context, and the image tower is locked or
 unlocked for the step (LiT, FT-delay) as a pure function of the step, so resume stays exact.
 """
@@ -38,6 +39,7 @@ from alignlab.data.skips import SkipTracker
 from alignlab.redaction import redact
 from alignlab.yaml12 import dump_yaml
 from alignlab.training import builders
+from alignlab.data.roots import resolve_data_root
 from alignlab.training.checkpoint import (
     atomic_torch_save,
     atomic_write_text,
@@ -65,7 +67,10 @@ ConfigChangeCallback = Callable[[int, list[ConfigChange]], None]
 
 
 @dataclass
-class TrainResult:
+class TrainerOutput:
+    """What `train` returns in its process: the full step history and the model (the run-level summary a
+    pipeline step hands on is `experiment.TrainOutcome`)."""
+
     steps: int
     history: list[dict] = field(default_factory=list)
     final_checkpoint: Path | None = None
@@ -93,7 +98,7 @@ def _micro_batches(tensors: tuple[torch.Tensor, ...], parts: int):
     return list(zip(*(t.chunk(parts) for t in tensors)))
 
 
-def train_step(model, loss_fn, images, tokens, context, *, accumulation: int, autocast, scaler) -> dict:
+def forward_backward(model, loss_fn, images, tokens, context, *, accumulation: int, autocast, scaler) -> dict:
     """Forward/backward for one optimizer step; returns the named loss terms (detached) and the logs."""
     if accumulation == 1:
         with autocast():
@@ -148,7 +153,7 @@ def duplicate_fraction(tokens: torch.Tensor) -> float:
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False,
           on_metrics: MetricsCallback | None = None, on_config_change: ConfigChangeCallback | None = None,
-          dist_info: DistInfo | None = None) -> TrainResult:
+          dist_info: DistInfo | None = None) -> TrainerOutput:
     """Train `cfg` into `run_dir` (config.yaml, metrics.jsonl, checkpoints/, final.pt).
 
     `resume`: continue from the newest checkpoint (from scratch when there is none); a config that differs
@@ -166,7 +171,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     # ---- setup ---------------------------------------------------------------------------------
     torch.set_num_threads(compute_threads(tcfg.threads, cfg.data.num_workers))
     builders.seed_everything(cfg.seed)
-    data_root = builders.resolve_data_root(cfg.data)
+    data_root = resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
     raw_model = builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
@@ -271,8 +276,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 raw_model.set_image_tower_locked(locked)  # FT-delay: the switch from LiT to FT
             context = {"indices": indices, "epoch": epoch, "step": step, "total_steps": total_steps,
                        "targets": teacher_targets(images, indices) if teacher_targets else {}}
-            stats = train_step(model, loss_fn, images, tokens, context, accumulation=tcfg.accumulation_steps,
-                               autocast=autocast, scaler=scaler)
+            stats = forward_backward(model, loss_fn, images, tokens, context,
+                                     accumulation=tcfg.accumulation_steps, autocast=autocast, scaler=scaler)
             grad_norm = None
             if tcfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
@@ -328,7 +333,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         final = atomic_torch_save({"model": raw_model.state_dict(), "config": redact(config_to_dict(cfg)),
                                    "step": step}, run_dir / "final.pt")
     barrier()
-    return TrainResult(steps=step, history=history, final_checkpoint=final, model=raw_model,
+    return TrainerOutput(steps=step, history=history, final_checkpoint=final, model=raw_model,
                        config_changes=changes, skipped_steps=guard.skipped)
 
 

@@ -1,7 +1,7 @@
 """Captions for SynthCaps scenes: paraphrase templates that span caption complexity, the five caption
 noise kinds, and the zero-shot prompt templates.
 
-Caption complexity (SPEC section 3.1) is the maximum number of relations attached to one object. Here an
+Caption complexity (docs/methods.md "CAT filtering") is the maximum number of relations attached to one object. Here an
 object's relations are its colour and size words, its spatial relations to other objects and its roles
 in an action (subject or object); the background is context and not counted, so "a circle on a gray
 background" is C0, "a red circle" C1 and "a small red circle chasing a blue star" C3. Each template

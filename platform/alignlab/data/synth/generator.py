@@ -1,4 +1,4 @@
-"""Write the SynthCaps benchmark to disk in the layout of docs/CONTRACT.md ("SynthCaps on-disk layout").
+"""Write the SynthCaps benchmark to disk in the layout of docs/data-formats.md ("SynthCaps on-disk layout").
 
 Determinism: every sample draws from its own generator, seeded by (config.seed, stream, index), where
 `stream` names the split. The bytes written therefore depend on the config only: not on `workers`, not

@@ -1,5 +1,5 @@
-"""Drawing SynthCaps scenes with PIL, plus the distribution-shift renderings (SPEC section 5, "Effective
-robustness"): `sketch`, `texture`, `clutter`. (`resample` needs no renderer: it is a fresh draw of the
+"""Drawing SynthCaps scenes with PIL, plus the distribution-shift renderings (effective
+robustness): `sketch`, `texture`, `clutter`. (`resample` needs no renderer: it is a fresh draw of the
 training distribution.)
 
 Everything is drawn at SUPERSAMPLE times the target size and box-downsampled, so that 64 x 64 shapes keep

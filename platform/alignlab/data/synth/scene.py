@@ -1,5 +1,5 @@
 """Scene sampling for SynthCaps: 1-3 coloured shapes on a background, their spatial relations and at most
-one action between two of them (SPEC section 3.1: objects, attributes and actions are what caption
+one action between two of them (docs/methods.md "CAT filtering": objects, attributes and actions are what caption
 complexity and the action filter count).
 
 A scene is a plain dict, JSON-ready:

@@ -31,31 +31,9 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def gate_runs(tracking_uri: str | None, experiment: str, run_ids: list[str], config):
-    """Gate each run against the earlier FINISHED runs of its (ablation, arm); returns the combined GateResult.
-
-    `config` is a `GateConfig` (`load_gate_config`)."""
-    from alignlab.report.regression_gate import combine_gates, evaluate_gate, history_from_mlflow, run_gate_values
-    from alignlab.tracking import TAG_ABLATION, TAG_ARM
-
-    results = []
-    for run_id in run_ids:
-        record, today = run_gate_values(tracking_uri, run_id)
-        if record["status"] != "FINISHED":
-            raise ValueError(f"run {run_id} is {record['status']}; the gate compares FINISHED runs only")
-        tags = record["tags"]
-        arm = tags.get(TAG_ARM, "")
-        filter_tags = {TAG_ABLATION: tags[TAG_ABLATION]} if TAG_ABLATION in tags else {}
-        history = history_from_mlflow(tracking_uri, experiment, filter_tags, arm=arm if arm else None,
-                                      started_before=record["start_time"])
-        results.append(evaluate_gate(today, history, config.rules, window=config.window,
-                                     repeat=config.repeat, arm=arm))
-    return combine_gates(results)
-
-
 def run_gate(args: argparse.Namespace) -> int:
     """Run the gate for parsed `add_gate_arguments` options; returns the exit status (module docstring)."""
-    from alignlab.report.regression_gate import gate_exit_code, load_gate_config, write_gate_report
+    from alignlab.report.regression_gate import gate_exit_code, gate_runs, load_gate_config, write_gate_report
     from alignlab.tracking import resolve_tracking_uri
 
     try:

@@ -1,4 +1,4 @@
-"""Rule-based semantic parser for captions (SPEC 3.1; DiHT appendix A.1.1).
+"""Rule-based semantic parser for captions (docs/methods.md "CAT filtering"; DiHT appendix A.1.1).
 
 A caption becomes a small scene graph built from spaCy's dependency parse:
 
@@ -20,7 +20,7 @@ A caption becomes a small scene graph built from spaCy's dependency parse:
   without arguments. Spatial relations and prepositional arguments of verbs ("playing *with* a ball")
   are not parsed (DiHT A.1.1 "Semantic attributes").
 
-Complexity (SPEC 3.1) = the maximum, over objects, of the relations attached to that object: its
+Complexity (docs/methods.md "CAT filtering") = the maximum, over objects, of the relations attached to that object: its
 attributes + the has_part relations it takes part in (as whole or part) + the actions it is subject or
 object of. "A black cat is chasing a small brown bird" is C3 (bird: small, brown, is chased) with one
 action. A caption with no object at all gets complexity -1, so that `min_complexity=0` is the C0 filter of
@@ -71,7 +71,7 @@ class CaptionGraph:
     actions: tuple[Action, ...]
 
     def relations_per_object(self) -> list[int]:
-        """Number of relations attached to each object (SPEC 3.1 complexity, before the max)."""
+        """Number of relations attached to each object (docs/methods.md "CAT filtering" complexity, before the max)."""
         counts = [0] * len(self.objects)
         for obj, _ in self.attributes:
             counts[obj] += 1
@@ -94,7 +94,8 @@ class CaptionGraph:
 
 
 def keep_cat(graph: CaptionGraph, min_complexity: int = 1, min_actions: int = 1) -> bool:
-    """The caption half of CAT (SPEC 3.1): keep if complexity >= C`min_complexity` and >= `min_actions`."""
+    """The caption half of CAT (docs/methods.md "CAT filtering"): keep if complexity >= C`min_complexity` and >=
+    `min_actions`."""
     return graph.complexity >= min_complexity and graph.num_actions >= min_actions
 
 

@@ -1,0 +1,1 @@
+"""Caption text: the semantic parser (scene graphs of captions) shared by CAT filtering and concept heads."""
