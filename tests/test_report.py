@@ -118,3 +118,25 @@ def test_summarise_history_directions():
     assert summarise_history([]) == {}
     with pytest.raises(ValueError, match=r"history\[0\]"):
         summarise_history([{"loss": "x"}])
+
+
+def test_cost_figures_median_step_device_hours_and_price():
+    from alignlab.tracking.summary import cost_figures
+
+    figures = cost_figures([0.3, 0.1, float("nan"), 0.2, 0.5], train_seconds=7200.0, devices=2,
+                           usd_per_device_hour=0.69)
+    assert figures["time/ms_per_batch"] == pytest.approx(250.0)  # median of 0.1, 0.2, 0.3, 0.5 (NaN left out)
+    assert figures["cost/device_hours"] == pytest.approx(4.0)
+    assert figures["cost/usd"] == pytest.approx(2.76)
+    assert "cost/usd" not in cost_figures([0.1], 36.0, 1)
+
+
+def test_a_run_reports_its_cost(tmp_path, synth_root):
+    from alignlab.config import validate_config
+    from alignlab.experiment import train_run
+    from conftest import tiny_config_tree
+
+    tree = tiny_config_tree(synth_root, tmp_path, max_steps=2, usd_per_device_hour=3.06)
+    outcome = train_run(validate_config(tree), tmp_path / "run")
+    assert outcome.metrics["time/ms_per_batch"] > 0
+    assert outcome.metrics["cost/usd"] == pytest.approx(outcome.metrics["train_seconds"] / 3600 * 3.06)

@@ -365,6 +365,8 @@ class TrainConfig(_Strict):
     skip_nonfinite_steps: int = Field(0, ge=0, description="Skip up to this many optimizer steps whose loss or "
                                       "gradient norm is NaN/inf (logged, counted), then stop; 0: stop at the first.")
     progress: bool = True
+    usd_per_device_hour: float | None = Field(None, ge=0, description="Price of one device hour: the run reports "
+                                              "cost/usd (the thesis: RTX 4090 0.69 on demand).")
 
     @field_validator("betas")
     @classmethod

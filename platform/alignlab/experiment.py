@@ -149,6 +149,7 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
     only rank 0 writes and tracks. A resume with a changed config (`allow_config_change`) is tagged
     `alignlab.config_changed` in MLflow (the details are in the run folder's config_history.jsonl)."""
     from alignlab.tracking import summarise_history
+    from alignlab.tracking.summary import cost_figures
     from alignlab.training.distributed import init_distributed
     from alignlab.training.trainer import train
 
@@ -167,6 +168,8 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
                    on_config_change=tag_config_change if tracker else None, dist_info=dist)
     metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
     metrics["train_seconds"] = time.perf_counter() - tic
+    metrics.update(cost_figures([h["step_time"] for h in result.history if "step_time" in h], metrics["train_seconds"],
+                                dist.world_size, cfg.train.usd_per_device_hour))
     skips = load_skip_report(run_dir)
     if skips is not None:
         metrics["data_skipped"] = skips["skipped"]

@@ -48,3 +48,18 @@ def summarise_history(history: list[dict[str, float]],
         summary[f"final_{name}"] = series[-1]
         summary[f"best_{name}"] = pick(finite) if finite else math.nan
     return summary
+
+
+def cost_figures(step_times: list[float], train_seconds: float, devices: int,
+                 usd_per_device_hour: float | None = None) -> dict:
+    """The thesis' cost reporting (Tables 13, 17): `time/ms_per_batch` (median step, ms), `cost/device_hours`
+    (wall time x devices) and, with a price, `cost/usd`."""
+    finite = sorted(t for t in step_times if not math.isnan(t))
+    figures = {"cost/device_hours": train_seconds * devices / 3600.0}
+    if finite:
+        middle = len(finite) // 2
+        median = finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
+        figures["time/ms_per_batch"] = 1000.0 * median
+    if usd_per_device_hour is not None:
+        figures["cost/usd"] = figures["cost/device_hours"] * usd_per_device_hour
+    return figures
