@@ -145,7 +145,9 @@ class PairDataset(Dataset):
             return image_tensor, packed[0], index
         if isinstance(caption, (list, tuple)):
             caption = caption[rng.randrange(len(caption))]
-        generator = torch.Generator().manual_seed(rng.getrandbits(63))  # the tokenizer's random sub-sequence
+        generator = None  # the tokenizer's random sub-sequence; a torch.Generator costs ~10 us, made when used
+        if getattr(self.tokenizer, "random_subsequence", False):
+            generator = torch.Generator().manual_seed(rng.getrandbits(63))
         return image_tensor, self.tokenizer([caption], generator=generator)[0], index
 
 

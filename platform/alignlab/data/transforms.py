@@ -16,6 +16,7 @@ from functools import lru_cache, partial
 
 import numpy as np
 import torch
+from PIL import Image
 import torchvision.transforms.functional as F
 from torchvision.transforms import InterpolationMode
 
@@ -82,10 +83,11 @@ def _random_resized_crop(image, rng=None, *, image_size, crop_scale, crop_ratio,
     image = image.convert("RGB") if image.mode != "RGB" else image
     rng = _stream(rng)
     top, left, h, w = sample_crop_box(image.width, image.height, crop_scale, crop_ratio, rng)
-    image = F.resized_crop(image, top, left, h, w, [image_size, image_size], InterpolationMode.BICUBIC, antialias=True)
+    # PIL's crop + bicubic resize (what F.resized_crop runs for a PIL image, without its wrappers)
+    image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BICUBIC)
     # Draw the flip only when flipping is on, so hflip=0 leaves the stream as the crop left it.
     if hflip > 0 and rng.random() < hflip:
-        image = F.hflip(image)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_normalized_tensor(image, mean, std)
 
 
