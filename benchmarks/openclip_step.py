@@ -20,6 +20,7 @@ attention) and compared to the best fp32 GEMM rate this process reaches with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -57,28 +58,26 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def alignlab_arm(preset: str, tokenizer, steps: int):
+def alignlab_arm(preset: str, tokenizer, steps: int, device: str = "cpu", autocast=contextlib.nullcontext):
     kwargs = get_preset(preset)
     kwargs["image"].setdefault("kwargs", {})["pre_norm"] = True  # CLIP's ln_pre, bias-free patch projection
     kwargs["text"]["context_length"] = tokenizer.context_length
     torch.manual_seed(0)
-    model = build_dual_encoder(**kwargs)
+    model = build_dual_encoder(**kwargs).to(device)
     optimizer = build_optimizer(model, model.no_weight_decay_param_names(), lr=5e-4, weight_decay=0.2,
                                 betas=(0.9, 0.98), eps=1e-6, impl="fused")
     scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=steps)
     loss_fn = builders.loss_from_config(LossConfig(name="infonce"), world_size=1, seed=0)
-    guard = DivergenceGuard(torch.device("cpu"), 0, None, advice="")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    import contextlib
-
+    guard = DivergenceGuard(torch.device(device), 0, None, advice="")
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
     state = {"step": 0}
 
     def step(images, tokens):
-        # the body of trainer.train's loop (fp32, one rank, no clipping)
+        # the body of trainer.train's loop (one rank, no clipping)
         context = {"indices": torch.arange(len(images)), "epoch": 0, "step": state["step"],
                    "total_steps": steps, "targets": {}}
         stats = train_step(model, loss_fn, images, tokens, context, accumulation=1,
-                           autocast=contextlib.nullcontext, scaler=scaler)
+                           autocast=autocast, scaler=scaler)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         guard.observe(state["step"] + 1, stats["loss"], grad_norm)
         optimizer.step()
@@ -92,7 +91,8 @@ def alignlab_arm(preset: str, tokenizer, steps: int):
     return model, step
 
 
-def open_clip_arm(preset: str, tokenizer, steps: int, fused: bool):
+def open_clip_arm(preset: str, tokenizer, steps: int, fused: bool, device: str = "cpu",
+                  autocast=contextlib.nullcontext):
     import open_clip
     from open_clip_train.scheduler import cosine_lr
 
@@ -101,7 +101,7 @@ def open_clip_arm(preset: str, tokenizer, steps: int, fused: bool):
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=kwargs["embed_dim"], vision_cfg=OPEN_CLIP_VISION[preset], output_dict=True,
                            text_cfg=dict(context_length=tokenizer.context_length, vocab_size=text["vocab_size"],
-                                         width=text["width"], heads=text["heads"], layers=text["layers"]))
+                                         width=text["width"], heads=text["heads"], layers=text["layers"])).to(device)
     # open_clip_train.main's parameter groups and optimizer
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
@@ -113,12 +113,13 @@ def open_clip_arm(preset: str, tokenizer, steps: int, fused: bool):
     state = {"step": 0}
 
     def step(images, tokens):
-        # the body of open_clip_train.train.train_one_epoch (accum_freq 1, fp32, no clipping)
+        # the body of open_clip_train.train.train_one_epoch (accum_freq 1, no clipping)
         scheduler(state["step"])
         optimizer.zero_grad()
-        model_out = model(images, tokens)
-        losses = loss(**model_out, output_dict=True)
-        total_loss = sum(losses.values())
+        with autocast():
+            model_out = model(images, tokens)
+            losses = loss(**model_out, output_dict=True)
+            total_loss = sum(losses.values())
         total_loss.backward()
         optimizer.step()
         with torch.no_grad():

@@ -220,11 +220,15 @@ def collate_pairs(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tupl
 
 
 def loader_for_sampler(
-    dataset: PairDataset, sampler: ResumableBatchSampler, num_workers: int = 0, pin_memory: bool = False
+    dataset: PairDataset, sampler: ResumableBatchSampler, num_workers: int = 0, pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> DataLoader:
-    """DataLoader yielding (images, tokens, indices) batches in the order of `sampler`."""
+    """DataLoader yielding (images, tokens, indices) batches in the order of `sampler`. The sampler is read in
+    this process at each `iter()`, so with `persistent_workers` one loader serves every epoch: set the
+    sampler's epoch and start batch, then iterate again."""
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 

@@ -147,8 +147,11 @@ def trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
     No pool reads a pad position, a causal position sees only earlier ones and bidirectional attention masks
     pad keys, so those columns only cost compute: CLIP captions fill about 15 of 77 positions, and the
-    text tower's cost is linear in the length (more with attention). One host sync (the new length).
+    text tower's cost is linear in the length (more with attention). One host sync (the new length). Under
+    torch.compile the columns are kept: a fixed shape compiles once, a data-dependent one breaks the graph.
     """
+    if torch.compiler.is_compiling():
+        return tokens
     used = (tokens != pad_id).any(dim=0)
     positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
     length = max(1, int((used * positions).max()))
