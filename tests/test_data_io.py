@@ -3,6 +3,9 @@
 import io
 import json
 import logging
+import math
+import random
+import statistics
 import tarfile
 
 import numpy as np
@@ -232,29 +235,43 @@ def test_wordpiece_train_save_load(tmp_path):
 
 # ---- transforms ----------------------------------------------------------------------------------
 
-def test_crop_box_matches_torchvision_and_respects_scale():
+def test_crop_box_is_seeded_and_draws_like_torchvision():
+    """The box comes from a random.Random (not torch's stream, so not torchvision's box for a seed), with
+    torchvision's algorithm: the same distribution of area fractions and aspect ratios, within bounds."""
     image = _image(0, size=(40, 30))
-    for seed in range(50):
-        torch.manual_seed(seed)
-        expected = RandomResizedCrop.get_params(image, [0.3, 0.6], [3 / 4, 4 / 3])
-        got = sample_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
-        assert got == tuple(expected)
+    ours, theirs = [], []
+    for seed in range(400):
+        got = sample_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), random.Random(seed))
+        assert got == sample_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), random.Random(seed))
         top, left, h, w = got
         assert 0.3 * 1200 - 40 <= h * w <= 0.6 * 1200 + 40  # rounding of h and w only
-        assert top + h <= 30 and left + w <= 40
+        assert top + h <= 30 and left + w <= 40 and top >= 0 and left >= 0
+        ours.append(got)
+        torch.manual_seed(seed)
+        theirs.append(tuple(RandomResizedCrop.get_params(image, [0.3, 0.6], [3 / 4, 4 / 3])))
+    assert len(set(ours)) > 100
+    for statistic in (lambda b: b[2] * b[3] / 1200, lambda b: math.log(b[3] / b[2]), lambda b: b[0], lambda b: b[1]):
+        mine, reference = [statistic(b) for b in ours], [statistic(b) for b in theirs]
+        spread = statistics.pstdev(reference)
+        assert abs(statistics.mean(mine) - statistics.mean(reference)) < 0.2 * spread
+        assert 0.8 < statistics.pstdev(mine) / spread < 1.25
+    # No box fits a 1:10 strip at ratio [1, 1] with scale 1: torchvision's centre fallback.
+    assert sample_crop_box(100, 10, (1.0, 1.0), (1.0, 1.0), random.Random(0)) == (0, 45, 10, 10)
+    with pytest.raises(TypeError, match="random.Random"):
+        sample_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), torch.Generator())
 
 
 def test_train_transform_is_seeded_and_full_crop_is_a_resize():
     image = _image(1, size=(32, 32))
     transform = build_image_transform(16, train=True, crop_scale=(0.5, 1.0), hflip=0.5)
-    a = transform(image, torch.Generator().manual_seed(3))
+    a = transform(image, random.Random(3))
     assert a.shape == (3, 16, 16) and a.dtype == torch.float32
-    assert torch.equal(a, transform(image, torch.Generator().manual_seed(3)))
-    assert not torch.equal(a, transform(image, torch.Generator().manual_seed(4)))
+    assert torch.equal(a, transform(image, random.Random(3)))
+    assert not torch.equal(a, transform(image, random.Random(4)))
 
     full = build_image_transform(16, train=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     reference = F.normalize(F.to_tensor(image.resize((16, 16), Image.BICUBIC)), CLIP_MEAN, CLIP_STD)
-    out = full(image, torch.Generator().manual_seed(0))
+    out = full(image, random.Random(0))
     assert torch.allclose(out, reference, atol=0.05)  # PIL bicubic vs torchvision's antialiased path
     assert torch.equal(out, F.normalize(F.to_tensor(F.resize(image, [16, 16], InterpolationMode.BICUBIC)),
                                         CLIP_MEAN, CLIP_STD))

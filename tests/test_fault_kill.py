@@ -101,7 +101,7 @@ def _run_until(launcher, argv, log: Path, due, timeout: float = 60.0) -> int:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time"}
+    return [{k: v for k, v in json.loads(line).items() if k != "step_time" and not k.startswith("time/")}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -107,6 +107,32 @@ def test_first_and_mean_pooling_ignore_padding():
         TextTransformer(pool="first")
 
 
+@pytest.mark.parametrize("pool,causal", [("eot", True), ("mean", True), ("first", False), ("mean", False)])
+def test_trailing_padding_is_not_computed_and_changes_nothing(pool, causal):
+    """The tower drops the columns that are padding in every row (a speed-up); features and gradients are
+    those of the full-length forward."""
+    torch.manual_seed(0)
+    tower = TextTransformer(vocab_size=100, context_length=16, width=16, layers=2, heads=2, pool=pool,
+                            causal=causal).double()  # float64: the comparison sees no summation-order rounding
+    tokens = _clip_tokens([4, 7, 5], context_length=16, vocab_size=100)
+    seen = []
+    tower.blocks[0].register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    pooled = tower(tokens)
+    assert seen == [7]
+    hidden = tower.forward_tokens(tokens)  # all 16 columns
+    keep = (tokens != 0).unsqueeze(-1).double()
+    reference = {"eot": hidden[torch.arange(3), tokens.argmax(dim=-1)], "first": hidden[:, 0],
+                 "mean": (hidden * keep).sum(1) / keep.sum(1)}[pool]
+    torch.testing.assert_close(pooled, reference)
+    weights = torch.randn_like(pooled)
+    (pooled * weights).sum().backward()
+    trimmed_grads = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    (reference * weights).sum().backward()
+    for trimmed, param in zip(trimmed_grads, tower.parameters()):
+        torch.testing.assert_close(trimmed, param.grad)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     tower = TextTransformer(vocab_size=100, context_length=8, width=16, layers=2, heads=2)

@@ -49,6 +49,24 @@ def test_data_workers_do_not_change_the_run(synth_root, tmp_path):
     assert _losses(a.history) == _losses(b.history)
 
 
+def test_persistent_workers_across_epochs_and_a_resume_give_the_serial_run(synth_root, tmp_path):
+    """One loader with persistent workers serves every epoch (8 steps each here) and a resumed run; the
+    losses are those of a serial run. step_time includes the logged wait for the batch."""
+    serial = train(validate_config(tiny_config_tree(synth_root, tmp_path, max_steps=10)), tmp_path / "serial")
+    tree = tiny_config_tree(synth_root, tmp_path, max_steps=10)
+    tree["data"]["num_workers"] = 2
+
+    def crash_at_step_9(metrics, step):
+        if step == 9:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        train(validate_config(tree), tmp_path / "workers", on_metrics=crash_at_step_9)
+    resumed = train(validate_config(tree), tmp_path / "workers", resume=True)
+    assert _losses(resumed.history) == _losses(serial.history)
+    assert all(0 <= h["time/data_wait"] <= h["step_time"] for h in resumed.history)
+
+
 def test_gradient_accumulation_matches_the_full_batch(synth_root, tmp_path):
     plain = train(validate_config(tiny_config_tree(synth_root, tmp_path, max_steps=3)), tmp_path / "plain")
     accum = train(validate_config(tiny_config_tree(synth_root, tmp_path, max_steps=3, accumulation_steps=4)),

@@ -355,7 +355,13 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     optimizer_impl: Literal["fused", "foreach", "for_loop"] = Field(
         "fused", description="AdamW kernel: fused (one kernel, fastest), foreach, or the per-tensor for_loop.")
-    precision: Literal["auto", "fp32", "amp_fp16", "amp_bf16"] = "auto"
+    precision: Literal["auto", "fp32", "amp_fp16", "amp_bf16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 autocast on GPUs that have it (else fp16); amp_bf16 also "
+        "runs on CPU (autocast to bfloat16, fp32 master weights).")
+    compile: bool = Field(False, description="torch.compile the model: fused kernels after a compilation of the "
+                          "first steps (tens of seconds; again for each new text length).")
+    channels_last: bool = Field(False, description="Images and the image tower in channels-last memory format "
+                                "(helps convolutional towers; a ViT only in its patch embedding).")
     accumulation_steps: int = Field(1, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")

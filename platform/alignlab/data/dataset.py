@@ -17,6 +17,7 @@ an R-rank run still sees the rows of the 1-rank run.
 """
 
 import logging
+import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -67,7 +68,7 @@ class PairDataset(Dataset):
     JsonlPairs). A list of captions gets one picked per visit; a caption of None means the source stored
     token ids in `meta["tokens"]`, used as they are (cut keeping their last id, padded with pad_id).
     `tokenizer` is an alignlab tokenizer (called with `generator=` for the random sub-sequence);
-    `transform` is `(image, generator) -> tensor` from `build_image_transform`. A sample the source
+    `transform` is `(image, rng: random.Random) -> tensor` from `build_image_transform`. A sample the source
     reports corrupt (CorruptSampleError) is substituted (module docstring) and its record appended to
     `skip_log` (an alignlab.data.skips.SkipLog, set by the trainer; None: only logged). `name` is what
     skip reports call the data (e.g. the shard spec).
@@ -130,9 +131,9 @@ class PairDataset(Dataset):
             self.skip_log.append(error.record)
 
     def _pair(self, index: int, aug_seed: int, image, caption, meta) -> tuple[torch.Tensor, torch.Tensor, int]:
-        generator = torch.Generator().manual_seed(aug_seed)
+        rng = random.Random(aug_seed)
         # The image draws come first, so the crop does not depend on the caption's length or count.
-        image_tensor = self.transform(image, generator)
+        image_tensor = self.transform(image, rng)
         if caption is None:
             tokens = meta["tokens"]
             if max(tokens) >= self.tokenizer.vocab_size or min(tokens) < 0:
@@ -143,7 +144,10 @@ class PairDataset(Dataset):
             packed = pack_token_ids([tokens], self.tokenizer.context_length, self.tokenizer.pad_id)
             return image_tensor, packed[0], index
         if isinstance(caption, (list, tuple)):
-            caption = caption[int(torch.randint(len(caption), (1,), generator=generator))]
+            caption = caption[rng.randrange(len(caption))]
+        generator = None  # the tokenizer's random sub-sequence; a torch.Generator costs ~10 us, made when used
+        if getattr(self.tokenizer, "random_subsequence", False):
+            generator = torch.Generator().manual_seed(rng.getrandbits(63))
         return image_tensor, self.tokenizer([caption], generator=generator)[0], index
 
 
@@ -216,11 +220,15 @@ def collate_pairs(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tupl
 
 
 def loader_for_sampler(
-    dataset: PairDataset, sampler: ResumableBatchSampler, num_workers: int = 0, pin_memory: bool = False
+    dataset: PairDataset, sampler: ResumableBatchSampler, num_workers: int = 0, pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> DataLoader:
-    """DataLoader yielding (images, tokens, indices) batches in the order of `sampler`."""
+    """DataLoader yielding (images, tokens, indices) batches in the order of `sampler`. The sampler is read in
+    this process at each `iter()`, so with `persistent_workers` one loader serves every epoch: set the
+    sampler's epoch and start batch, then iterate again."""
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 

@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -191,8 +192,7 @@ class _Views(Dataset):
             image = Image.new("RGB", (8, 8))
         images = [self.transform(image, None)]
         for view in range(1, self.views):
-            generator = torch.Generator().manual_seed(sample_aug_seed(self.view_seed, view, index))
-            images.append(self.train_transform(image, generator))
+            images.append(self.train_transform(image, random.Random(sample_aug_seed(self.view_seed, view, index))))
         return torch.stack(images), index
 
 

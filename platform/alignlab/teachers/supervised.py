@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def train_backbone(model: torch.nn.Module, images: list[Image.Image], labels: to
         total_loss = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size].tolist()
-            x = torch.stack([transform(images[i], torch.Generator().manual_seed(sample_aug_seed(config.seed, epoch, i)))
+            x = torch.stack([transform(images[i], random.Random(sample_aug_seed(config.seed, epoch, i)))
                              for i in batch])
             loss = F.binary_cross_entropy_with_logits(model(x), labels[batch])
             for group in optimizer.param_groups:

@@ -182,6 +182,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     teacher_targets = builders.teacher_targets_from_config(cfg, raw_model, data_root, dist.device,
                                                            source=dataset.source)  # also adds the heads
     raw_model.to(dist.device)
+    if tcfg.channels_last:
+        raw_model.image_tower.to(memory_format=torch.channels_last)
     if len(dataset) < tcfg.batch_size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} is larger than the {len(dataset)} training samples "
                           f"of {redact(str(data_root))}: lower train.batch_size")
@@ -242,6 +244,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     # FT-delay: the tower's parameters get no gradient while locked, which DDP must be told to expect.
     model = (DistributedDataParallel(raw_model, find_unused_parameters=image_cfg.mode == "ft_delay")
              if dist.enabled else raw_model)
+    if tcfg.compile:  # checkpoints keep saving raw_model's state dict: no "_orig_mod." prefixes
+        model = torch.compile(model)
     _rewrite_history(run_dir / "metrics.jsonl", history, dist.is_main)
 
     guard = DivergenceGuard(dist.device, tcfg.skip_nonfinite_steps, ckpt_dir, is_main=dist.is_main,
@@ -263,14 +267,21 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     # ---- train ---------------------------------------------------------------------------------
     progress = _progress(tcfg.progress and dist.is_main, total_steps, step, cfg.name)
     model.train()
+    # One loader for the run: the sampler is read in this process at each epoch's iter(), so its workers
+    # persist across epochs (no re-fork, no re-opened shards); pinned batches when they go to a GPU.
+    loader = loader_for_sampler(dataset, sampler, num_workers=cfg.data.num_workers,
+                                pin_memory=dist.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    metrics_file = _MetricsFile(run_dir / "metrics.jsonl", dist.is_main)
     while step < total_steps:
         sampler.set_epoch(epoch)
         sampler.set_start_batch(batch_in_epoch)
-        loader = loader_for_sampler(dataset, sampler, num_workers=cfg.data.num_workers)
+        step_start = time.perf_counter()  # step_time counts the wait for the batch too (time/data_wait)
         for images, tokens, indices in loader:
-            tic = time.perf_counter()
+            data_wait = time.perf_counter() - step_start
             duplicates = duplicate_fraction(tokens)  # on the loader's CPU tensor: no device sync
             images, tokens = images.to(dist.device, non_blocking=True), tokens.to(dist.device, non_blocking=True)
+            if tcfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             locked = builders.image_tower_locked_at(image_cfg, step, total_steps)
             if locked != raw_model.image_tower_locked:
                 raw_model.set_image_tower_locked(locked)  # FT-delay: the switch from LiT to FT
@@ -302,7 +313,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 epoch, batch_in_epoch = epoch + 1, 0
 
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                      "step_time": time.perf_counter() - tic, "data/duplicate_caption_frac": duplicates}
+                      "data/duplicate_caption_frac": duplicates}
             if image_cfg.mode == "ft_delay":
                 record["image_tower_locked"] = float(locked)
             if tcfg.skip_nonfinite_steps:
@@ -312,8 +323,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 means = all_reduce_mean(torch.stack([stats[k].detach().float() for k in tensors])).tolist()
                 record |= dict(zip(tensors, means))
             record |= {k: float(v) for k, v in stats.items() if not isinstance(v, torch.Tensor)}
+            record |= {"step_time": time.perf_counter() - step_start, "time/data_wait": data_wait}  # after the sync
             history.append(record)
-            _append_history(run_dir / "metrics.jsonl", record, dist.is_main)
+            metrics_file.append(record)
             if step % tcfg.log_every == 0 or step == total_steps:
                 guard.check(terms_at)
                 if on_metrics:
@@ -324,7 +336,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 save(step)
             if step >= total_steps:
                 break
+            step_start = time.perf_counter()
     progress.close()
+    metrics_file.close()
 
     # ---- save ------------------------------------------------------------------------------------
     final = None
@@ -369,10 +383,21 @@ def _rewrite_history(path: Path, history: list[dict], is_main: bool) -> None:
         atomic_write_text("".join(json.dumps(h) + "\n" for h in history), path)
 
 
-def _append_history(path: Path, record: dict, is_main: bool) -> None:
-    if is_main:
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+class _MetricsFile:
+    """metrics.jsonl, open for the whole run (not reopened per step) on the main rank; each row is flushed to
+    the OS as it is written, so a killed run loses no written row (at worst a torn last line)."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self._handle = path.open("a") if is_main else None
+
+    def append(self, record: dict) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
 
 
 class _NoProgress:
