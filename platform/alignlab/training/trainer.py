@@ -51,6 +51,7 @@ from alignlab.training.checkpoint import (
 )
 from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, compute_threads, init_distributed
 from alignlab.training.guard import DivergenceGuard
+from alignlab.training.prometheus_exporter import training_exporter
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
 from alignlab.training.resume import (
     CONFIG_HISTORY_FILE,
@@ -257,11 +258,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
 
     # ---- train ---------------------------------------------------------------------------------
     progress = _progress(tcfg.progress and dist.is_main, total_steps, step, cfg.name)
+    exporter = training_exporter(cfg.tracking.prometheus, f"{cfg.name}/seed-{cfg.seed}", tcfg.batch_size,
+                                 dist.device, dist.is_main)
     model.train()
     while step < total_steps:
         sampler.set_epoch(epoch)
         sampler.set_start_batch(batch_in_epoch)
         loader = loader_for_sampler(dataset, sampler, num_workers=cfg.data.num_workers)
+        fetch_start = time.perf_counter()
         for images, tokens, indices in loader:
             tic = time.perf_counter()
             duplicates = duplicate_fraction(tokens)  # on the loader's CPU tensor: no device sync
@@ -313,13 +317,18 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 guard.check(terms_at)
                 if on_metrics:
                     on_metrics({k: v for k, v in record.items() if k != "step"}, step)
+            if exporter:
+                exporter.observe(record, data_wait_s=tic - fetch_start)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
             if step % tcfg.checkpoint_every == 0 and step < total_steps:
                 save(step)
             if step >= total_steps:
                 break
+            fetch_start = time.perf_counter()
     progress.close()
+    if exporter:
+        exporter.close()
 
     # ---- save ------------------------------------------------------------------------------------
     final = None
