@@ -50,8 +50,8 @@ image-deps:
 image: image-deps
 	IMAGE=$(IMAGE) infra/images/build-image.sh
 
-image-test: image-deps
-	IMAGE=$(IMAGE) infra/images/test-image.sh
+image-test: image-deps $(STAMP)
+	IMAGE=$(IMAGE) PYTHON=$(BIN)/python infra/images/test-image.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,5 +28,5 @@ size=$(podman --storage-driver "${STORAGE_DRIVER:-vfs}" image inspect --format "
 digest=$(podman --storage-driver "${STORAGE_DRIVER:-vfs}" image inspect --format '{{.Digest}}' "$image")
 echo "image:      $image (base $base, revision $revision)"
 echo "build time: $((end - start)) s"
-echo "size:       $(numfmt --to=iec --suffix=B "$size" 2>/dev/null || echo "$size bytes")"
+echo "size:       $(numfmt --to=iec-i --suffix=B "$size" 2>/dev/null || echo "$size bytes")"
 echo "digest:     $digest"

@@ -29,6 +29,7 @@ def main(image: str, digest: str, workdir: str, overrides: list[str]) -> None:
     env = {"ALIGNLAB_IMAGE": image, "ALIGNLAB_IMAGE_DIGEST": digest, "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
     runner = local.DockerRunner(environment=env, network_mode="none", working_dir=str(work))
     os.chdir(work)
+    os.umask(0)  # what this process creates here (the MLflow store, kfp's task folders) the image's uid 10001 writes
     prepare_tracking_stores(plans)
     local.init(runner=runner, pipeline_root=str(work), raise_on_error=True)
     outputs = run_pipeline_locally(pipeline, {"workdir": str(work), "resume": False})
