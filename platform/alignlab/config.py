@@ -400,6 +400,18 @@ class EvalConfig(_Strict):
     few_shot_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
 
 
+class PrometheusConfig(_Strict):
+    """Where training exports its progress gauges (alignlab.training.prometheus_exporter); all unset: nowhere."""
+
+    textfile: str | None = Field(None, pattern=r"\.prom$", description="node-exporter textfile (*.prom) to rewrite.")
+    pushgateway: str | None = Field(None, pattern=r"^https?://", description="Pushgateway URL (default: "
+                                    "$ALIGNLAB_PUSHGATEWAY, which the Helm chart sets).")
+    port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics on this port while training.")
+    host: str = Field("0.0.0.0", description="Address the port binds.")
+    job: str = Field("alignlab-train", min_length=1, description="Pushgateway job label.")
+    every_s: float = Field(10.0, gt=0, description="At most one push / textfile write per this many seconds.")
+
+
 class TrackingConfig(_Strict):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else a store in the working folder.")
@@ -407,6 +419,7 @@ class TrackingConfig(_Strict):
     flush_timeout_s: float = Field(30.0, gt=0, description="At most this long the end of a run (and its start) "
                                    "waits for an MLflow store that does not answer; what is left waits in the run "
                                    "folder's tracking-spool.jsonl (alignlab tracking replay RUN_DIR).")
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
 
 
 class ExperimentConfig(_Strict):

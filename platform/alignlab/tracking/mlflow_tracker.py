@@ -16,6 +16,7 @@ gets the run tag `alignlab.metric_name.<sanitised>` = original name, so `find_ru
 
 import json
 import numbers
+import os
 import posixpath
 import re
 import subprocess
@@ -40,6 +41,8 @@ TAG_ABLATION = "alignlab.ablation"
 TAG_ARM = "alignlab.arm"
 TAG_SEED = "alignlab.seed"
 TAG_GIT_COMMIT = "alignlab.git_commit"
+TAG_IMAGE = "alignlab.image"  # digest of the container image the run ran in (ALIGNLAB_IMAGE_DIGEST)
+TAG_IMAGE_REF = "alignlab.image_ref"  # its reference, e.g. registry/alignlab:0.1.0-cu130 (ALIGNLAB_IMAGE)
 TAG_DATASET_HASH = "alignlab.dataset_hash"
 TAG_TRUNCATED_PARAMS = "alignlab.truncated_params"
 TAG_PARENT_RUN = "mlflow.parentRunId"
@@ -74,6 +77,13 @@ def git_commit(repo_dir: str | Path | None = None) -> str:
         return "unknown"
     sha = result.stdout.strip()
     return sha if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else "unknown"
+
+
+def image_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Tags naming the container image this process runs in, so a result names the image that produced it.
+    The Helm chart's ConfigMap and `make image-test` set the variables; outside a container there are none."""
+    names = {TAG_IMAGE: "ALIGNLAB_IMAGE_DIGEST", TAG_IMAGE_REF: "ALIGNLAB_IMAGE"}
+    return {tag: environ[var] for tag, var in names.items() if environ.get(var)}
 
 
 def standard_tags(ablation: str, arm: str, seed: int, dataset_hash: str) -> dict[str, str]:
@@ -208,7 +218,7 @@ class RunTracker:
         uri = resolve_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri=uri)
         flat_params = redact(flatten_params(params))
-        run_tags = redact({TAG_GIT_COMMIT: git_commit(), **{str(k): str(v) for k, v in tags.items()}})
+        run_tags = redact({TAG_GIT_COMMIT: git_commit(), **image_tags(), **{str(k): str(v) for k, v in tags.items()}})
         truncated = [key for key, value in flat_params.items() if _TRUNCATION_MARKER.search(value)]
         if truncated:
             run_tags[TAG_TRUNCATED_PARAMS] = ",".join(truncated)

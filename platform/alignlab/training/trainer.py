@@ -53,6 +53,7 @@ from alignlab.training.checkpoint import (
 )
 from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, compute_threads, init_distributed
 from alignlab.training.guard import DivergenceGuard
+from alignlab.training.prometheus_exporter import training_exporter
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
 from alignlab.training.resume import (
     CONFIG_HISTORY_FILE,
@@ -266,6 +267,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
 
     # ---- train ---------------------------------------------------------------------------------
     progress = _progress(tcfg.progress and dist.is_main, total_steps, step, cfg.name)
+    exporter = training_exporter(cfg.tracking.prometheus, f"{cfg.name}/seed-{cfg.seed}", tcfg.batch_size,
+                                 dist.device, dist.is_main)
     model.train()
     # One loader for the run: the sampler is read in this process at each epoch's iter(), so its workers
     # persist across epochs (no re-fork, no re-opened shards); pinned batches when they go to a GPU.
@@ -330,6 +333,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 guard.check(terms_at)
                 if on_metrics:
                     on_metrics({k: v for k, v in record.items() if k != "step"}, step)
+            if exporter:
+                exporter.observe(record, data_wait_s=data_wait)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
             if step % tcfg.checkpoint_every == 0 and step < total_steps:
@@ -339,6 +344,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
             step_start = time.perf_counter()
     progress.close()
     metrics_file.close()
+    if exporter:
+        exporter.close()
 
     # ---- save ------------------------------------------------------------------------------------
     final = None
