@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml constraints.txt requirements/spacy-model.txt
 demo: $(STAMP)
 	$(BIN)/alignlab run ablations/demo.yaml
 
-# Debian packages the tests use (OCR for CAT text spotting); installed once when missing.
-APT_PACKAGES := tesseract-ocr tesseract-ocr-eng
+# Debian packages the tests use (OCR for CAT text spotting; Chromium for the dashboard's browser test, driven
+# by Python playwright with executable_path=/usr/bin/chromium); installed once when missing.
+APT_PACKAGES := tesseract-ocr tesseract-ocr-eng chromium
 system-deps:
-	@command -v tesseract >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
+	@{ command -v tesseract && command -v chromium; } >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -n 2 tests
