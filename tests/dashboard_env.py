@@ -8,10 +8,12 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from alignlab_components.mlflow_server import start_mlflow_server
 from conftest import tiny_config_tree
 
 SPEC_NAME = "dash-mini"
@@ -36,6 +38,19 @@ def write_spec(folder: Path, data_root: Path, tracking_uri: str) -> Path:
     path = specs / f"{SPEC_NAME}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_gate(runs_dir: Path) -> None:
+    """A gate verdict as `alignlab run` writes it: final_loss of lr-low regressed (band 4.0 +- 0.05),
+    train_seconds ok."""
+    from alignlab.report.regression_gate import GateRule, evaluate_gate, write_gate_report
+
+    rules = [GateRule("final_loss", "lower", abs_tolerance=0.05, min_history=2),
+             GateRule("train_seconds", "lower", rel_tolerance=1.0, min_history=2)]
+    history = [{"final_loss": 4.0, "train_seconds": 1.0}, {"final_loss": 4.0, "train_seconds": 1.0},
+               {"final_loss": 4.5, "train_seconds": 1.0}]
+    result = evaluate_gate({"final_loss": 4.6, "train_seconds": 1.1}, history, rules, window=3, repeat=2, arm="lr-low")
+    write_gate_report(result, runs_dir / SPEC_NAME / "gate")
 
 
 def log_handmade(tracking_uri: str) -> None:
@@ -86,3 +101,42 @@ def serve(app, log_path: Path):
         for logger in loggers:
             logger.removeHandler(handler)
         handler.close()
+
+
+@dataclass
+class World:
+    """A real MLflow server with the small ablation (seeds 0-1 of 3 run, `alignlab report` rebuilt) and the
+    hand-made runs, a tokens file of one viewer, one submitter and one admin, and the dashboard app."""
+
+    folder: Path
+    uri: str
+    spec: Path
+    tokens: dict
+    app: object
+    client: object = field(default=None)
+
+    def headers(self, who: str) -> dict:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+
+@contextlib.contextmanager
+def dashboard_world(data_root: Path, folder: Path):
+    from alignlab.cli import main
+    from alignlab.experiment import run_ablation
+    from alignlab_dashboard import DashboardSettings, create_app
+    from alignlab_dashboard.auth import add_token
+
+    server = start_mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"), folder / "mlflow.log")
+    try:
+        spec = write_spec(folder, data_root, server.url)
+        run_ablation(spec, ["seeds=[0,1]"], print_fn=lambda *_: None)  # seed 2 stays planned but missing
+        assert main(["report", str(spec)]) == 0
+        log_handmade(server.url)
+        tokens = {who: add_token(folder / "tokens.yaml", who, role)
+                  for who, role in (("vera", "viewer"), ("sam", "submitter"), ("ada", "admin"))}
+        settings = DashboardSettings(tracking_uri=server.url, specs_dir=folder / "ablations",
+                                     runs_dir=folder / "runs", jobs_dir=folder / "jobs",
+                                     tokens_file=folder / "tokens.yaml")
+        yield World(folder, server.url, spec, tokens, create_app(settings, workdir=folder))
+    finally:
+        server.stop()

@@ -9,60 +9,27 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from dashboard_env import HANDMADE, SPEC_NAME, log_handmade, write_spec
+from dashboard_env import HANDMADE, SPEC_NAME, World, dashboard_world, write_gate
 from fastapi.testclient import TestClient
 from scipy import stats
-
-from alignlab_components.mlflow_server import start_mlflow_server
 
 COMPARED = ("mean", "std", "n", "seeds", "missing_seeds", "mean_ci_low", "mean_ci_high", "delta", "ci_low",
             "ci_high", "test", "paired", "p", "p_holm", "p_perm", "p_welch", "effect_size", "significant")
 
 
-@dataclass
-class Env:
-    folder: Path
-    uri: str
-    spec: Path
-    tokens: dict
-    client: TestClient
-
-    def headers(self, who: str) -> dict:
-        return {"Authorization": f"Bearer {self.tokens[who]}"}
-
-
 @pytest.fixture(scope="module")
 def env(synth_root, tmp_path_factory):
-    from alignlab.cli import main
-    from alignlab.experiment import run_ablation
-    from alignlab_dashboard import DashboardSettings, create_app
-    from alignlab_dashboard.auth import add_token
-
-    folder = tmp_path_factory.mktemp("dashboard")
-    server = start_mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"), folder / "mlflow.log")
-    try:
-        spec = write_spec(folder, synth_root, server.url)
-        run_ablation(spec, ["seeds=[0,1]"], print_fn=lambda *_: None)  # seed 2 stays planned but missing
-        assert main(["report", str(spec)]) == 0
-        log_handmade(server.url)
-        tokens = {who: add_token(folder / "tokens.yaml", who, role)
-                  for who, role in (("vera", "viewer"), ("sam", "submitter"), ("ada", "admin"))}
-        settings = DashboardSettings(tracking_uri=server.url, specs_dir=folder / "ablations",
-                                     runs_dir=folder / "runs", jobs_dir=folder / "jobs",
-                                     tokens_file=folder / "tokens.yaml")
-        with TestClient(create_app(settings, workdir=folder)) as client:
-            yield Env(folder, server.url, spec, tokens, client)
-    finally:
-        server.stop()
+    with dashboard_world(synth_root, tmp_path_factory.mktemp("dashboard")) as world:
+        with TestClient(world.app) as client:
+            world.client = client
+            yield world
 
 
-def _get(env: Env, path: str, who: str = "vera", **params):
+def _get(env: World, path: str, who: str = "vera", **params):
     response = env.client.get(path, headers=env.headers(who), params=params)
     assert response.status_code == 200, response.text
     return response.json()
@@ -211,6 +178,21 @@ def test_ablations_overview_counts_the_grid(env):
     results = env.client.get(f"/api/runs/{run_id}/artifacts/results.json", headers=env.headers("vera"))
     assert results.status_code == 200 and "final_loss" in results.json()
     assert env.client.get("/api/ablations/nope", headers=env.headers("vera")).status_code == 404
+
+
+def test_nightly_reports_the_gate_with_its_band(env):
+    assert _get(env, "/api/nightly") == []
+    write_gate(env.folder / "runs")
+    (gate,) = _get(env, "/api/nightly")
+    assert gate["ablation"] == SPEC_NAME and gate["status"] == "regression"
+    verdicts = {m["metric"]: m for m in gate["metrics"]}
+    assert verdicts["final_loss"]["state"] == "regression" and verdicts["train_seconds"]["state"] == "ok"
+    assert verdicts["final_loss"]["band"] == [pytest.approx(3.95), pytest.approx(4.05)]
+    assert verdicts["final_loss"]["run_id"] in env.client.get(f"/api/ablations/{SPEC_NAME}/compare",
+                                                              headers=env.headers("vera")).json()["run_ids"].values()
+    trend = gate["trends"]["lr-low|final_loss"]
+    assert len(trend["points"]) == 2 and all(p["value"] is not None for p in trend["points"])
+    (env.folder / "runs" / SPEC_NAME / "gate" / "gate.json").unlink()
 
 
 def test_auth_roles_and_csrf(env):

@@ -32,7 +32,7 @@ def nightly(store: RunStore, runs_dir: Path) -> list[dict]:
             verdict["band"] = [low, high]
             series = [{"time_ms": r["start_time"], "value": r["metrics"].get(verdict["metric"]), "run_id": r["run_id"]}
                       for r in runs if r["tags"].get(TAG_ARM) == verdict["arm"] or not verdict["arm"]]
-            trends[f"{verdict['arm']}|{verdict['metric']}"] = series
+            trends[f"{verdict['arm']}|{verdict['metric']}"] = {"points": series, "band": [low, high]}
             latest = series[-1]["run_id"] if series else None
             verdict["run_id"] = latest if verdict["state"] in ("violation", "regression") else None
         out.append({"ablation": ablation, "status": gate["status"], "evaluated_at": gate["evaluated_at"],

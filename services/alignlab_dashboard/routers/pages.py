@@ -3,7 +3,6 @@ talk to the API from the browser (static/dashboard.js). A browser without a sess
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Form, Request
@@ -17,7 +16,6 @@ from alignlab_dashboard.routers.runs import run_details
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
-templates.env.filters["tojson_safe"] = lambda value: json.dumps(value).replace("<", "\\u003c")
 
 
 def _page(request: Request, ctx: Context, user: User, name: str, **values) -> HTMLResponse:

@@ -156,7 +156,7 @@ const dashboard = (() => {
       el.dataset.series = String(series.length - 1);
       el.dataset.points = String(curve.x.length);
       const resumes = curve.arms.flatMap((a) => a.resumes);
-      chart = new uPlot({width: Math.min(1000, window.innerWidth - 60), height: 360, series, bands,
+      chart = new uPlot({width: Math.min(1000, window.innerWidth - 60), height: 360, series, bands, scales: {x: {time: false}},
         axes: [{label: state.x === "step" ? "step" : "samples seen"}, {label: curve.metric}],
         hooks: {draw: [(u) => { // resume markers: a dashed vertical line where a run restarted
           const ctx = u.ctx; ctx.save(); ctx.strokeStyle = "#999"; ctx.setLineDash([2, 4]);
@@ -239,13 +239,18 @@ const dashboard = (() => {
   function nightlyPage() {
     document.querySelectorAll(".trends").forEach((box) => {
       const trends = JSON.parse(box.dataset.trends);
-      for (const [key, points] of Object.entries(trends)) {
-        const valid = points.filter((p) => p.value !== null && p.value !== undefined);
+      for (const [key, trend] of Object.entries(trends)) {
+        const valid = trend.points.filter((p) => p.value !== null && p.value !== undefined);
         if (!valid.length) continue;
         const div = document.createElement("div"); div.className = "trend"; box.appendChild(div);
-        new uPlot({title: key.replace("|", " · "), width: 460, height: 200, scales: {x: {time: true}},
-          series: [{}, {label: "value", stroke: COLORS[0], points: {show: true}}]},
-          [valid.map((p) => p.time_ms / 1000), valid.map((p) => p.value)], div);
+        const [low, high] = trend.band, x = valid.map((p) => p.time_ms / 1000);
+        const series = [{}, {label: "value", stroke: COLORS[0], points: {show: true}}];
+        const columns = [x, valid.map((p) => p.value)];
+        if (low !== null) { // today's tolerance band around the gate's baseline
+          series.push({label: "band low", stroke: "#b00", dash: [5, 4]}, {label: "band high", stroke: "#b00", dash: [5, 4]});
+          columns.push(x.map(() => low), x.map(() => high));
+        }
+        new uPlot({title: key.replace("|", " · "), width: 460, height: 200, scales: {x: {time: true}}, series}, columns, div);
       }
     });
   }
