@@ -313,3 +313,16 @@ def test_cli_registers_dashboard_and_adds_hashed_tokens(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("tokens: [{name: x, role: root, sha256: abc}]")
     with pytest.raises(ValueError, match=r"tokens\[0\].role"):
         load_tokens(tmp_path / "bad.yaml")
+
+
+def test_curve_band_helper_equals_mean_ci_per_column():
+    from alignlab.report.stats import mean_ci, mean_ci_columns
+
+    values = np.random.default_rng(0).normal(size=(4, 30))
+    values[0, 3], values[:3, 5] = np.nan, np.nan  # a seed that has not reached a step; a step with one seed
+    low, high = mean_ci_columns(values)
+    for j in range(values.shape[1]):
+        column = values[:, j][~np.isnan(values[:, j])]
+        assert (low[j], high[j]) == (pytest.approx(mean_ci(column)[0], nan_ok=True),
+                                     pytest.approx(mean_ci(column)[1], nan_ok=True))
+    assert np.isnan(low[5]) and not np.isnan(low[3])

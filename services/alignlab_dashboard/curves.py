@@ -1,5 +1,5 @@
 """Learning curves of one metric per arm: the mean over seeds with its 95 % CI band (the core's
-`alignlab.report.stats.mean_ci`), the individual seeds on request, resume markers, downsampled for display.
+`alignlab.report.stats.mean_ci_columns`), the individual seeds on request, resume markers, downsampled for display.
 
 All arms share one x grid (the union of their logged steps, thinned to `points` evenly spaced entries) so a
 chart can draw them on one axis; at each grid step a seed contributes its last value logged at or before
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from alignlab.report.stats import mean_ci
+from alignlab.report.stats import mean_ci_columns
 from alignlab_dashboard.compare import AblationData
 from alignlab_dashboard.store import RunStore
 
@@ -59,13 +59,9 @@ def curves(store: RunStore, data: AblationData, metric: str, x: str = "step", wi
     for arm in dict.fromkeys(r["arm"] for r in data.records):
         members = [(r, h, k) for r, h, k in zip(data.records, histories, scale) if r["arm"] == arm]
         matrix = np.array([_values_on_grid([(s * k, v, t) for s, v, t in h], grid) for _, h, k in members])
-        means, lows, highs = [], [], []
-        for column in matrix.T:
-            present = column[~np.isnan(column)]
-            means.append(float(present.mean()) if len(present) else None)
-            low, high = mean_ci(present) if len(present) >= 2 else (math.nan, math.nan)
-            lows.append(low)
-            highs.append(high)
+        counts = np.sum(~np.isnan(matrix), axis=0)
+        means = np.divide(np.nansum(matrix, axis=0), counts, out=np.full(len(grid), np.nan), where=counts > 0)
+        lows, highs = mean_ci_columns(matrix)
         entry = {"arm": arm, "mean": _clean(means), "ci_low": _clean(lows), "ci_high": _clean(highs),
                  "n_seeds": len(members),
                  "resumes": sorted({s * k for r, h, k in members for s in resume_steps(h)})}

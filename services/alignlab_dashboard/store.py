@@ -22,6 +22,7 @@ LIST_TTL_S = 5.0
 HISTORY_CACHE_SIZE = 20_000  # (run, metric) histories kept
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 FETCH_THREADS = 8
+RESULT_CACHE_SIZE = 256  # computed tables and curves kept
 
 
 class NotFound(LookupError):
@@ -34,7 +35,10 @@ class RunStore:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._lists: dict[tuple, tuple[float, list[dict]]] = {}
+        self._list_locks: dict[tuple, threading.Lock] = {}
         self._histories: OrderedDict[tuple, tuple[float, list[tuple[int, float, int]]]] = OrderedDict()
+        self._results: OrderedDict[tuple, object] = OrderedDict()
+        self._computing: dict[tuple, threading.Lock] = {}
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="mlflow-history")
 
     def _client(self):
@@ -43,22 +47,33 @@ class RunStore:
         return MlflowClient(tracking_uri=self.uri)
 
     def runs(self, ablation: str | None = None, tag: str = TAG_ABLATION) -> list[dict]:
-        """`find_runs` records whose `tag` equals `ablation` (every run with that tag when None)."""
+        """`find_runs` records whose `tag` equals `ablation` (every run with that tag when None). An expired
+        list is refreshed by one caller while the others keep getting the previous list."""
         key = (tag, ablation)
         with self._lock:
             cached = self._lists.get(key)
+            lock = self._list_locks.setdefault(key, threading.Lock())
         if cached and time.monotonic() - cached[0] < LIST_TTL_S:
             return cached[1]
-        with self.metrics.mlflow_query("search_runs"):
-            try:
-                runs = find_runs(self.uri, None, {tag: ablation} if ablation else None)
-            except FileNotFoundError:  # no local store yet: nothing has run
-                runs = []
-        if ablation is None:
-            runs = [r for r in runs if r["tags"].get(tag)]
-        with self._lock:
-            self._lists[key] = (time.monotonic(), runs)
-        return runs
+        if not lock.acquire(blocking=cached is None):
+            return cached[1]  # another request is refreshing it
+        try:
+            with self._lock:
+                cached = self._lists.get(key)
+            if cached and time.monotonic() - cached[0] < LIST_TTL_S:
+                return cached[1]
+            with self.metrics.mlflow_query("search_runs"):
+                try:
+                    runs = find_runs(self.uri, None, {tag: ablation} if ablation else None)
+                except FileNotFoundError:  # no local store yet: nothing has run
+                    runs = []
+            if ablation is None:
+                runs = [r for r in runs if r["tags"].get(tag)]
+            with self._lock:
+                self._lists[key] = (time.monotonic(), runs)
+            return runs
+        finally:
+            lock.release()
 
     def ablations(self) -> dict[str, list[dict]]:
         """Ablation name -> its runs (oldest first)."""
@@ -116,6 +131,30 @@ class RunStore:
         if not local.is_file() or not local.is_relative_to(into.resolve()):
             raise NotFound(f"no artifact {path!r} in run {run_id}")
         return local
+
+    def memo(self, key: tuple, runs: list[dict], compute):
+        """`compute()` cached under `key` and the state of `runs`: kept while no run changes status, and for
+        LIST_TTL_S while one is still running. Concurrent callers of one key wait for a single computation
+        (50 users opening one cold page must not fetch the same histories 50 times)."""
+        live = any(run["status"] not in END_STATUSES for run in runs)
+        full = key + (tuple((run["run_id"], run["status"]) for run in runs),
+                      int(time.monotonic() // LIST_TTL_S) if live else 0)
+        with self._lock:
+            if full in self._results:
+                self._results.move_to_end(full)
+                return self._results[full]
+            lock = self._computing.setdefault(full, threading.Lock())
+        with lock:
+            with self._lock:
+                if full in self._results:
+                    return self._results[full]
+            value = compute()
+            with self._lock:
+                self._results[full] = value
+                self._computing.pop(full, None)
+                while len(self._results) > RESULT_CACHE_SIZE:
+                    self._results.popitem(last=False)
+        return value
 
     def scratch(self) -> tempfile.TemporaryDirectory:
         return tempfile.TemporaryDirectory(prefix="alignlab-dashboard-")

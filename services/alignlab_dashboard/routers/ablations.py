@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from alignlab_dashboard import ablations, compare, curves, export
 from alignlab_dashboard.deps import Context, context, viewer
@@ -25,20 +27,32 @@ def ablation(name: str, ctx: Context = Depends(context)) -> dict:
 def _table(name: str, query: CompareQuery, ctx: Context):
     data = compare.load_ablation(ctx.store, ctx.catalog, name)
     metrics = query.metric_list() or compare.default_metrics(data)
-    return data, compare.compare_table(ctx.store, data, metrics, query.summary, query.at, query.baseline)
+    plan = tuple((p.arm, p.seed) for p in data.plans) + ((data.spec.baseline_arm,) if data.spec else ())
+    key = ("table", name, tuple(metrics), query.summary, query.at, query.baseline, plan)
+    return data, ctx.store.memo(key, data.runs, lambda: compare.compare_table(
+        ctx.store, data, metrics, query.summary, query.at, query.baseline))
+
+
+def _json(payload) -> bytes:
+    """Serialised once and cached as bytes: FastAPI's encoder walks every float of a curve on each request."""
+    return json.dumps(payload, allow_nan=False).encode()
 
 
 @router.get("/{name}/compare")
-def compare_view(name: str, query: CompareQuery = Depends(), ctx: Context = Depends(context)) -> dict:
+def compare_view(name: str, query: CompareQuery = Depends(), ctx: Context = Depends(context)) -> Response:
     data, table = _table(name, query, ctx)
-    return compare_payload(data, table, query)
+    key = ("compare-json", name, query.model_dump_json())
+    return Response(ctx.store.memo(key, data.runs, lambda: _json(compare_payload(data, table, query))),
+                    media_type="application/json")
 
 
 @router.get("/{name}/curves")
 def curve(name: str, metric: str, x: str = Query("step", pattern="^(step|samples)$"), seeds: bool = False,
-          ctx: Context = Depends(context)) -> dict:
+          ctx: Context = Depends(context)) -> Response:
     data = compare.load_ablation(ctx.store, ctx.catalog, name)
-    return curves.curves(ctx.store, data, metric, x, seeds, ctx.settings.curve_points)
+    body = ctx.store.memo(("curves", name, metric, x, seeds), data.runs, lambda: _json(curves.curves(
+        ctx.store, data, metric, x, seeds, ctx.settings.curve_points)))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{name}/export.{fmt}", response_class=PlainTextResponse)
