@@ -326,3 +326,33 @@ def test_curve_band_helper_equals_mean_ci_per_column():
         assert (low[j], high[j]) == (pytest.approx(mean_ci(column)[0], nan_ok=True),
                                      pytest.approx(mean_ci(column)[1], nan_ok=True))
     assert np.isnan(low[5]) and not np.isnan(low[3])
+
+
+def test_dashboard_command_starts_on_the_embedded_default_and_prints_its_url(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from dashboard_env import free_port
+
+    port = free_port()
+    code = ("import argparse, sys; from alignlab_dashboard.cli import register; parser = argparse.ArgumentParser(); "
+            "register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))")
+    process = subprocess.Popen([sys.executable, "-c", code, "dashboard", "--port", str(port)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line and "mlflow.db" in line and "auth off" in line, line
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/ablations", timeout=5) as response:
+                    assert json.load(response) == []  # no store yet, no specs: an empty overview, not an error
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert not (tmp_path / "mlflow.db").exists()  # reading never creates an empty store

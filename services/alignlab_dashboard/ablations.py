@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alignlab.tracking import TAG_ARM, TAG_GIT_COMMIT, TAG_SEED
 from alignlab_dashboard.compare import load_ablation
 from alignlab_dashboard.specs import SpecCatalog
@@ -9,6 +11,12 @@ from alignlab_dashboard.store import RunStore
 
 STATES = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}
 PIPELINE_TAG, PIPELINE_RUN_TAG = "alignlab.pipeline", "alignlab.pipeline_run_id"
+
+
+def report_plots(runs_dir: Path, name: str) -> list[str]:
+    """Plots the report wrote for this ablation (e.g. report_plot.png), as paths under the runs folder."""
+    folder = Path(runs_dir) / name
+    return [f"{name}/{p.name}" for p in sorted(folder.glob("*.png"))] if folder.is_dir() else []
 
 
 def grid_status(store: RunStore, catalog: SpecCatalog, name: str) -> dict:

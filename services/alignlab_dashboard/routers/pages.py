@@ -30,7 +30,8 @@ def overview(request: Request, ctx: Context = Depends(context), user: User = Dep
 
 @router.get("/ablations/{name}", response_class=HTMLResponse)
 def ablation_page(name: str, request: Request, ctx: Context = Depends(context), user: User = Depends(viewer)):
-    return _page(request, ctx, user, "compare.html", ablation=ablations.grid_status(ctx.store, ctx.catalog, name))
+    return _page(request, ctx, user, "compare.html", ablation=ablations.grid_status(ctx.store, ctx.catalog, name),
+                 plots=ablations.report_plots(ctx.settings.runs_dir, name))
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
