@@ -51,7 +51,8 @@ def seed_store(uri: str, runs: int, steps: int) -> None:
         metrics = []
         for step in range(steps):
             loss = 4.0 * (1 + step) ** -0.3 - offset + rng.gauss(0, 0.02)
-            metrics += [Metric("loss", loss, now + step, step), Metric("lr", 1e-3 * (1 - step / steps), now + step, step)]
+            metrics += [Metric("loss", loss, now + step, step),
+                        Metric("lr", 1e-3 * (1 - step / steps), now + step, step)]
         metrics += [Metric("final_loss", metrics[-2].value, now, steps),
                     Metric("retrieval/mean_R1", 0.3 + offset + rng.gauss(0, 0.01), now, steps)]
         for start in range(0, len(metrics), 1000):

@@ -195,6 +195,22 @@ def test_nightly_reports_the_gate_with_its_band(env):
     (env.folder / "runs" / SPEC_NAME / "gate" / "gate.json").unlink()
 
 
+def test_an_unreadable_ablation_does_not_hide_the_others(env, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from alignlab_dashboard import store
+
+    monkeypatch.setattr(store, "LIST_TTL_S", 0.0)  # see the new run at once
+    client = MlflowClient(env.uri)
+    run = client.create_run(client.create_experiment("broken"), tags={"alignlab.ablation": "broken"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    listed = {a["name"]: a for a in _get(env, "/api/ablations")}
+    assert "alignlab.arm" in listed["broken"]["error"] and listed[SPEC_NAME]["counts"]["done"] == 4
+    answer = env.client.get("/api/ablations/broken/compare", headers=env.headers("vera"))
+    assert answer.status_code == 422 and run.info.run_id in answer.json()["detail"]
+    client.delete_run(run.info.run_id)
+
+
 def test_auth_roles_and_csrf(env):
     c = env.client
     assert c.get("/api/ablations").status_code == 401
@@ -239,13 +255,15 @@ def test_paths_outside_their_roots_are_404(env):
 
 
 def test_spec_validation_names_the_field(env):
+    def validate(tree: dict) -> dict:
+        return env.client.post("/api/specs/validate", json={"text": yaml.safe_dump(tree)},
+                               headers=env.headers("sam")).json()
+
     good = yaml.safe_load(env.spec.read_text())
-    bad = {**good, "seeds": ["x"], "arms": {"lr-low": {"train.lr": "fast"}}}
-    result = env.client.post("/api/specs/validate", json={"text": yaml.safe_dump(bad)}, headers=env.headers("sam")).json()
+    result = validate({**good, "seeds": ["x"], "arms": {"lr-low": {"train.lr": "fast"}}})
     assert not result["valid"] and result["dry_run"] is None
     assert any(e["path"] == "seeds.0" for e in result["errors"]), result["errors"]
-    bad = {**good, "arms": {"lr-low": {"train.lr": "fast"}}}
-    result = env.client.post("/api/specs/validate", json={"text": yaml.safe_dump(bad)}, headers=env.headers("sam")).json()
+    result = validate({**good, "arms": {"lr-low": {"train.lr": "fast"}}})
     assert [e["path"] for e in result["errors"]] == ["train.lr"] and "fast" in result["errors"][0]["message"]
     dry = env.client.post("/api/specs/validate", json={"text": env.spec.read_text()},
                           headers=env.headers("sam")).json()["dry_run"]
@@ -253,6 +271,9 @@ def test_spec_validation_names_the_field(env):
     assert dry["estimate"]["from_runs"] == 4 and dry["estimate"]["total_s"] > 0
     listed = _get(env, "/api/specs")
     assert [s["name"] for s in listed] == [SPEC_NAME]
+    to_kfp = env.client.post("/api/submit", json={"text": env.spec.read_text(), "target": "kfp"},
+                             headers=env.headers("sam"))
+    assert to_kfp.status_code == 400 and "--kfp-host" in to_kfp.json()["detail"]
 
 
 def test_submit_runs_a_supervised_job_and_cancels_one(env):
@@ -289,7 +310,8 @@ def test_submit_runs_a_supervised_job_and_cancels_one(env):
 def test_metrics_histograms_per_route(env):
     _get(env, f"/api/ablations/{SPEC_NAME}/compare")
     text = env.client.get("/metrics").text
-    assert 'alignlab_dashboard_request_seconds_count{method="GET",route="/api/ablations/{name}/compare",status="200"}' in text
+    assert ('alignlab_dashboard_request_seconds_count{method="GET",route="/api/ablations/{name}/compare",'
+            'status="200"}') in text
     assert 'alignlab_dashboard_mlflow_query_seconds_count{query="search_runs"}' in text
     assert 'route="/api/ablations/dash-mini/compare"' not in text  # templates, not raw paths
 

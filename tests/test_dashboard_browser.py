@@ -96,7 +96,8 @@ def test_every_page_in_chromium(synth_root, tmp_path_factory):
         assert "1 runs" in page.inner_text("#dry-run")
         page.select_option("#runner", "kfp-local")
         page.click("#submit-button")
-        page.wait_for_selector(".job-status.succeeded, .job-status.failed", timeout=240_000)
+        # kfp's local runner starts a process per step: ~90 s on an idle machine, ~200 s on a loaded one
+        page.wait_for_selector(".job-status.succeeded, .job-status.failed", timeout=480_000)
         log = page.inner_text("#job-log")
         assert page.locator(".job-status.succeeded").count() == 1, log
         page.screenshot(path=str(shots / "submit.png"), full_page=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignlab.redaction import redact
 from alignlab.tracking import TAG_ARM, TAG_GIT_COMMIT, TAG_SEED
 from alignlab_dashboard.compare import load_ablation
 from alignlab_dashboard.specs import SpecCatalog
@@ -51,5 +52,14 @@ def grid_status(store: RunStore, catalog: SpecCatalog, name: str) -> dict:
 
 
 def all_ablations(store: RunStore, catalog: SpecCatalog) -> list[dict]:
-    names = sorted(set(store.ablations()) | set(catalog.by_name()))
-    return [grid_status(store, catalog, name) for name in names]
+    """Every ablation's `grid_status`; one whose runs cannot be read (e.g. a run without its arm tag) is
+    listed with the error instead of hiding the others."""
+    out = []
+    for name in sorted(set(store.ablations()) | set(catalog.by_name())):
+        try:
+            out.append(grid_status(store, catalog, name))
+        except ValueError as err:
+            out.append({"name": name, "error": redact(str(err)), "description": "", "arms": [], "seeds": [],
+                        "counts": dict.fromkeys(("done", "running", "failed", "missing"), 0), "cells": [],
+                        "last_update_ms": None, "git_commit": None, "experiment_ids": [], "kfp_run_ids": []})
+    return out

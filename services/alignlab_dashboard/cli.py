@@ -26,6 +26,7 @@ def _cmd_dashboard(args) -> int:
                          f"authentication; add --tokens FILE (create one with --new-token NAME:ROLE)")
     import uvicorn
 
+    from alignlab.redaction import redact
     from alignlab_dashboard.app import create_app
     from alignlab_dashboard.settings import DashboardSettings
 
@@ -36,7 +37,7 @@ def _cmd_dashboard(args) -> int:
     app = create_app(settings)
     auth = "tokens from " + str(args.tokens) if args.tokens else ("proxy header " + args.proxy_user_header
                                                                  if args.proxy_user_header else "off (local only)")
-    print(f"[alignlab] dashboard on http://{args.host}:{args.port}/  (MLflow {app.state.ctx.store.uri}, "
+    print(f"[alignlab] dashboard on http://{args.host}:{args.port}/  (MLflow {redact(app.state.ctx.store.uri)}, "
           f"auth {auth}); Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 from pydantic import BaseModel, Field
 
@@ -35,10 +34,6 @@ class Submission(BaseModel):
     runner: str = Field("kfp-local", pattern="^(kfp-local|inline)$")
 
 
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def compare_payload(data: AblationData, table: ReportTable, query: CompareQuery) -> dict:
     """The report table (the core's JSON, NaN as null) plus display texts, metric choices, config diff and
     protocol fingerprints."""
@@ -48,7 +43,6 @@ def compare_payload(data: AblationData, table: ReportTable, query: CompareQuery)
         cell["mean_text"] = mean_text(row)
         cell["delta_text"] = "" if cell["arm"] == table.baseline else delta_text(row)
         cell["p_holm_text"] = format_p(row["p_holm"])
-        cell["effect_size"] = _finite(cell["effect_size"])
     payload.update(ablation=data.name, summary=query.summary, at=query.at,
                    available_metrics=available_metrics(data), default_metrics=default_metrics(data),
                    config_diff=config_diff(data), protocols=protocol_fingerprints(data),

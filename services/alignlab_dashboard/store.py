@@ -8,7 +8,6 @@ that has ended never changes, so it is kept under (run id, status) until evicted
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -155,9 +154,6 @@ class RunStore:
                 while len(self._results) > RESULT_CACHE_SIZE:
                     self._results.popitem(last=False)
         return value
-
-    def scratch(self) -> tempfile.TemporaryDirectory:
-        return tempfile.TemporaryDirectory(prefix="alignlab-dashboard-")
 
 
 def _sanitised(run: dict, metric: str) -> str:

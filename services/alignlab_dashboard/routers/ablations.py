@@ -29,7 +29,7 @@ def _table(name: str, query: CompareQuery, ctx: Context):
     metrics = query.metric_list() or compare.default_metrics(data)
     plan = tuple((p.arm, p.seed) for p in data.plans) + ((data.spec.baseline_arm,) if data.spec else ())
     key = ("table", name, tuple(metrics), query.summary, query.at, query.baseline, plan)
-    return data, ctx.store.memo(key, data.runs, lambda: compare.compare_table(
+    return data, key, ctx.store.memo(key, data.runs, lambda: compare.compare_table(
         ctx.store, data, metrics, query.summary, query.at, query.baseline))
 
 
@@ -40,9 +40,8 @@ def _json(payload) -> bytes:
 
 @router.get("/{name}/compare")
 def compare_view(name: str, query: CompareQuery = Depends(), ctx: Context = Depends(context)) -> Response:
-    data, table = _table(name, query, ctx)
-    key = ("compare-json", name, query.model_dump_json())
-    return Response(ctx.store.memo(key, data.runs, lambda: _json(compare_payload(data, table, query))),
+    data, key, table = _table(name, query, ctx)
+    return Response(ctx.store.memo(key + ("json",), data.runs, lambda: _json(compare_payload(data, table, query))),
                     media_type="application/json")
 
 
@@ -59,7 +58,7 @@ def curve(name: str, metric: str, x: str = Query("step", pattern="^(step|samples
 def export_table(name: str, fmt: str, query: CompareQuery = Depends(), ctx: Context = Depends(context)):
     if fmt not in export.FORMATS:
         raise ValueError(f"format must be one of {sorted(export.FORMATS)}, got {fmt!r}")
-    _, table = _table(name, query, ctx)
+    _, _, table = _table(name, query, ctx)
     filename = f"{name}-{query.summary}.{fmt}"
     return PlainTextResponse(export.export(table, fmt), media_type=export.FORMATS[fmt],
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})

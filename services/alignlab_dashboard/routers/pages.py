@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from alignlab.redaction import redact
 from alignlab_dashboard import ablations, nightly
 from alignlab_dashboard.auth import COOKIE, User
 from alignlab_dashboard.deps import Context, context, viewer
@@ -16,6 +17,7 @@ from alignlab_dashboard.routers.runs import run_details
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
+templates.env.filters["redact"] = redact  # URIs shown on a page never carry their credentials
 
 
 def _page(request: Request, ctx: Context, user: User, name: str, **values) -> HTMLResponse:
