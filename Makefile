@@ -23,10 +23,11 @@ demo: $(STAMP)
 	$(BIN)/alignlab run ablations/demo.yaml
 
 # Debian packages the tests use (OCR for CAT text spotting; prometheus + promtool for the metrics and
-# alerting-rule tests); installed once when missing.
-APT_PACKAGES := tesseract-ocr tesseract-ocr-eng prometheus prometheus-node-exporter
+# alerting-rule tests; Chromium for the dashboard's browser test, driven by Python playwright with
+# executable_path=/usr/bin/chromium); installed once when missing.
+APT_PACKAGES := tesseract-ocr tesseract-ocr-eng prometheus prometheus-node-exporter chromium
 system-deps:
-	@command -v tesseract >/dev/null && command -v promtool >/dev/null && command -v prometheus-node-exporter >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
+	@{ command -v tesseract && command -v promtool && command -v prometheus-node-exporter && command -v chromium; } >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
 # checkov (manifest scanning in tests/test_helm_chart.py) pins versions that clash with the lock: its own
 # venv inside the project venv, from its own lock.

@@ -220,15 +220,18 @@ def write_report(table: ReportTable, out_dir: str | Path, metrics: list[str] | N
     return paths
 
 
-def fetch_ablation_runs(tracking_uri: str | None, ablation_name: str) -> tuple[list[dict], list[dict]]:
+def fetch_ablation_runs(tracking_uri: str | None, ablation_name: str,
+                        runs: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
     """(records, skipped) for the runs tagged `alignlab.ablation` = `ablation_name`, in every experiment.
 
     Records come from FINISHED runs only; for an (arm, seed) finished more than once the newest run wins.
-    `skipped` lists the other runs with the reason (status, or "superseded by <run_id>").
+    `skipped` lists the other runs with the reason (status, or "superseded by <run_id>"). `runs` (the
+    `find_runs` records of that tag, oldest first) skips the query for a caller that already holds them.
     """
     from alignlab.tracking import TAG_ABLATION, TAG_ARM, TAG_SEED, find_runs  # mlflow is slow to import
 
-    runs = find_runs(tracking_uri, None, {TAG_ABLATION: ablation_name})
+    if runs is None:
+        runs = find_runs(tracking_uri, None, {TAG_ABLATION: ablation_name})
     if not runs:
         raise ValueError(f"no runs tagged {TAG_ABLATION}={ablation_name!r} in tracking store {tracking_uri!r}")
     latest, skipped = {}, []

@@ -60,6 +60,20 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[fl
     return float(x.mean() - half), float(x.mean() + half)
 
 
+def mean_ci_columns(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """`mean_ci` of every column of a 2-D array at once, NaN entries left out of their column (a curve's
+    seeds at each step; a seed that has not reached a step yet is NaN there). NaN where a column has < 2."""
+    x = np.asarray(values, dtype=float)
+    n = np.sum(~np.isnan(x), axis=0)
+    low, high = np.full(x.shape[1], math.nan), np.full(x.shape[1], math.nan)
+    ok = n >= 2
+    if ok.any():
+        mean, sd = np.nanmean(x[:, ok], axis=0), np.nanstd(x[:, ok], axis=0, ddof=1)
+        half = stats.t.ppf((1 + confidence) / 2, n[ok] - 1) * sd / np.sqrt(n[ok])
+        low[ok], high[ok] = mean - half, mean + half
+    return low, high
+
+
 def cohens_dz(differences: Sequence[float]) -> float:
     """Cohen's d_z = mean(d) / sd(d) of paired differences (ddof=1); NaN for n < 2 or sd = 0."""
     d = np.asarray(differences, dtype=float)

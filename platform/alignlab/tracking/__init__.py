@@ -11,6 +11,7 @@ from alignlab.tracking.mlflow_tracker import (
     TAG_TRUNCATED_PARAMS,
     RunTracker,
     find_runs,
+    get_run,
     flatten_params,
     git_commit,
     sanitise_metric_name,
@@ -22,7 +23,7 @@ from alignlab.tracking.summary import lower_is_better_by_name, summarise_history
 
 __all__ = [
     "METRIC_NAME_TAG_PREFIX", "RUN_ID_FILE", "TAG_ABLATION", "TAG_ARM", "TAG_DATASET_HASH",
-    "TAG_GIT_COMMIT", "TAG_SEED", "TAG_TRUNCATED_PARAMS", "RunTracker", "find_runs", "flatten_params", "git_commit",
+    "TAG_GIT_COMMIT", "TAG_SEED", "TAG_TRUNCATED_PARAMS", "RunTracker", "find_runs", "flatten_params", "get_run", "git_commit",
     "lower_is_better_by_name", "replay_spool", "resolve_tracking_uri", "sanitise_metric_name", "standard_tags",
     "summarise_history",
 ]

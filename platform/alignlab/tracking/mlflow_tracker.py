@@ -394,6 +394,17 @@ def find_runs(tracking_uri: str | None, experiment: str | None, filter_tags: dic
     return [_run_record(run) for run in runs]
 
 
+def get_run(tracking_uri: str | None, run_id: str) -> dict:
+    """One run as a `find_runs` record; ValueError naming the run when the store does not know it."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        return _run_record(MlflowClient(tracking_uri=uri).get_run(run_id))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise ValueError(f"no run {run_id!r} in {redact(uri)}") from None
+        raise
+
+
 def _run_record(run) -> dict:
     tags = dict(run.data.tags)
     names = {key[len(METRIC_NAME_TAG_PREFIX):]: original for key, original in tags.items()
