@@ -45,8 +45,8 @@ def write_gate(runs_dir: Path) -> None:
     train_seconds ok."""
     from alignlab.report.regression_gate import GateRule, evaluate_gate, write_gate_report
 
-    rules = [GateRule("final_loss", "lower", abs_tolerance=0.05, min_history=2),
-             GateRule("train_seconds", "lower", rel_tolerance=1.0, min_history=2)]
+    rules = [GateRule(metric="final_loss", direction="lower", abs_tolerance=0.05, min_history=2),
+             GateRule(metric="train_seconds", direction="lower", rel_tolerance=1.0, min_history=2)]
     history = [{"final_loss": 4.0, "train_seconds": 1.0}, {"final_loss": 4.0, "train_seconds": 1.0},
                {"final_loss": 4.5, "train_seconds": 1.0}]
     result = evaluate_gate({"final_loss": 4.6, "train_seconds": 1.1}, history, rules, window=3, repeat=2, arm="lr-low")
