@@ -1,5 +1,6 @@
-"""Prometheus from training, end to end: real `prometheus` and `prometheus-node-exporter` (Debian) on
-127.0.0.1 scrape a finished training run's textfile and a running training subprocess's port; the chart's
+"""Prometheus from training and the dashboard, end to end: real `prometheus` and `prometheus-node-exporter`
+(Debian) on 127.0.0.1 scrape a finished training run's textfile, a running training subprocess's port and a
+running `alignlab dashboard`; the chart's
 PrometheusRule passes `promtool check rules` and its alerts fire (and stay quiet) in `promtool test rules`.
 """
 
@@ -8,13 +9,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 import torch
 import yaml
 from helm_chart import render_objects
-from prometheus_server import free_port, start_node_exporter, start_prometheus, wait_for_series
+from prometheus_server import free_port, running, start_node_exporter, start_prometheus, wait_for_series
 
 from alignlab.config import validate_config
 from alignlab.training.prometheus_exporter import TrainingExporter, training_exporter
@@ -74,6 +76,26 @@ def test_prometheus_scrapes_a_finished_and_a_running_training_job(config_tree, t
     assert finished == 6
 
 
+def test_prometheus_scrapes_the_dashboard(tmp_path):
+    """`alignlab dashboard` on the embedded default serves /metrics: Prometheus finds its request-latency
+    histogram's count per route and status (the counter the chart's Dashboard5xx alert reads)."""
+    port = free_port()
+    args = [sys.executable, "-m", "alignlab.cli", "dashboard", "--port", str(port), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--specs", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    base = f"http://127.0.0.1:{port}"
+    with running(args, f"{base}/healthz", tmp_path / "dashboard.log"):
+        for path in ("/api/ablations", "/api/ablations", "/healthz", "/api/no-such-route"):
+            try:
+                urllib.request.urlopen(base + path, timeout=10).read()
+            except urllib.error.HTTPError as error:
+                assert error.code == 404
+        with start_prometheus(tmp_path, {"dashboard": f"127.0.0.1:{port}"}) as prom:
+            requests = wait_for_series(prom, 'alignlab_dashboard_request_seconds_count{job="dashboard"}', want=2)
+    counts = {(r["metric"]["route"], r["metric"]["status"]): float(r["value"][1]) for r in requests}
+    assert counts[("/api/ablations", "200")] >= 2, counts
+    assert any(status == "404" for _, status in counts), counts
+
+
 def test_port_exporter_serves_and_closes(config_tree):
     cfg = validate_config(config_tree(port=0, host="127.0.0.1"))
     exporter = training_exporter(cfg.tracking.prometheus, "r/seed-0", 64, torch.device("cpu"), is_main=True)
@@ -121,7 +143,7 @@ def test_promtool_checks_the_chart_rules(tmp_path):
 
 def test_chart_alerts_fire_on_what_alignlab_exports(tmp_path):
     """promtool's rule unit tests: each alert fires on the series alignlab writes and not on healthy ones."""
-    dashboard = 'http_requests_total{job="al-alignlab-dashboard",status="%s"}'
+    dashboard = 'alignlab_dashboard_request_seconds_count{job="al-alignlab-dashboard",status="%s"}'
     tests = {"rule_files": [rules_file(tmp_path)], "evaluation_interval": "1m", "tests": [
         {"interval": "1m", "input_series": [
             {"series": 'alignlab_gate_status{suite="nightly"}', "values": "0 0 1 1"},
