@@ -1,7 +1,7 @@
 """Prometheus from training and the dashboard, end to end: real `prometheus` and `prometheus-node-exporter`
 (Debian) on 127.0.0.1 scrape a finished training run's textfile, a running training subprocess's port and a
-running `alignlab dashboard`; the chart's
-PrometheusRule passes `promtool check rules` and its alerts fire (and stay quiet) in `promtool test rules`.
+running `alignlab dashboard`; the chart's PrometheusRule passes `promtool check rules` and its alerts fire
+(and stay quiet) in `promtool test rules`.
 """
 
 import math
