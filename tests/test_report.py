@@ -126,7 +126,7 @@ def test_cost_figures_median_step_device_hours_and_price():
     figures = cost_figures([0.3, 0.1, float("nan"), 0.2, 0.5], train_seconds=7200.0, devices=2,
                            usd_per_device_hour=0.69)
     assert figures["time/ms_per_batch"] == pytest.approx(250.0)  # median of 0.1, 0.2, 0.3, 0.5 (NaN left out)
-    assert figures["cost/device_hours"] == pytest.approx(4.0)
+    assert figures["time/device_hours"] == pytest.approx(4.0)
     assert figures["cost/usd"] == pytest.approx(2.76)
     assert "cost/usd" not in cost_figures([0.1], 36.0, 1)
 

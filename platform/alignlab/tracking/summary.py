@@ -52,14 +52,14 @@ def summarise_history(history: list[dict[str, float]],
 
 def cost_figures(step_times: list[float], train_seconds: float, devices: int,
                  usd_per_device_hour: float | None = None) -> dict:
-    """The thesis' cost reporting (Tables 13, 17): `time/ms_per_batch` (median step, ms), `cost/device_hours`
+    """The thesis' cost reporting (Tables 13, 17): `time/ms_per_batch` (median step, ms), `time/device_hours`
     (wall time x devices) and, with a price, `cost/usd`."""
     finite = sorted(t for t in step_times if not math.isnan(t))
-    figures = {"cost/device_hours": train_seconds * devices / 3600.0}
+    figures = {"time/device_hours": train_seconds * devices / 3600.0}
     if finite:
         middle = len(finite) // 2
         median = finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
         figures["time/ms_per_batch"] = 1000.0 * median
     if usd_per_device_hour is not None:
-        figures["cost/usd"] = figures["cost/device_hours"] * usd_per_device_hour
+        figures["cost/usd"] = figures["time/device_hours"] * usd_per_device_hour
     return figures
