@@ -9,7 +9,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from alignlab.losses.distributed import gather_features
-from alignlab.losses.fused import compute_dtype, similarities
+from alignlab.losses.fused import compute_dtype, similarities, square_grads
 
 
 def hn_nce_loss(
@@ -104,6 +104,7 @@ class _FusedHNNCE(torch.autograd.Function):
         positive_probs = (log_alpha + positive_logits - log_denominators).exp_()
         grads.scatter_(2, positives, positive_probs.sub_(1).mul_(row_weight))
         ctx.save_for_backward(image_rows, text_cols, text_rows, image_cols, scale, grads)
+        ctx.square = image_rows is image_cols and text_rows is text_cols
         return (log_denominators - positive_logits).sum() * row_weight
 
     @staticmethod
@@ -112,11 +113,18 @@ class _FusedHNNCE(torch.autograd.Function):
         image_rows, text_cols, text_rows, image_cols, scale, grads = ctx.saved_tensors
         # dloss/dsim = grad_output s dloss/dL, with L = s sim.
         factor = grad_output * scale.detach().to(grads.dtype).reshape(())
-        image_rows_grad, text_cols_grad, scale_grad_it = _direction_grads(grads[0], image_rows, text_cols, factor)
-        text_rows_grad, image_cols_grad, scale_grad_ti = _direction_grads(grads[1], text_rows, image_cols, factor)
+        if ctx.square:  # one tensor is both rows and columns: its gradient goes to one slot, in two matmuls
+            image_grad, text_grad, scale_sum = square_grads(grads[0], grads[1], image_rows, text_rows)
+            image_rows_grad, text_rows_grad = image_grad.mul_(factor.to(image_grad.dtype)), text_grad.mul_(
+                factor.to(text_grad.dtype))
+            text_cols_grad = image_cols_grad = None
+        else:
+            image_rows_grad, text_cols_grad, scale_it = _direction_grads(grads[0], image_rows, text_cols, factor)
+            text_rows_grad, image_cols_grad, scale_ti = _direction_grads(grads[1], text_rows, image_cols, factor)
+            scale_sum = scale_it + scale_ti
         scale_grad = None
         if ctx.needs_input_grad[4]:
-            scale_grad = (grad_output * (scale_grad_it + scale_grad_ti)).to(scale.dtype).reshape(scale.shape)
+            scale_grad = (grad_output * scale_sum).to(scale.dtype).reshape(scale.shape)
         return image_rows_grad, text_cols_grad, text_rows_grad, image_cols_grad, scale_grad, None, None, None, None
 
 

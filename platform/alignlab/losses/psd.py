@@ -6,7 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from alignlab.losses.distributed import gather_column_values, gather_features, gather_row_values
-from alignlab.losses.fused import compute_dtype, similarities
+from alignlab.losses.fused import compute_dtype, similarities, square_grads
 
 PREDICTIONS = ("swapped", "forward")
 
@@ -145,6 +145,7 @@ class _FusedPSD(torch.autograd.Function):
         unaligned_value += torch.dot(unaligned_weights, log_partitions)
         ctx.save_for_backward(image_rows, text_cols, text_rows, image_cols, scale, row_aligned, grads,
                               corrections)
+        ctx.square = image_rows is image_cols and text_rows is text_cols
         return aligned_value, unaligned_value
 
     @staticmethod
@@ -153,11 +154,18 @@ class _FusedPSD(torch.autograd.Function):
         image_rows, text_cols, text_rows, image_cols, scale, row_aligned, grads, corrections = ctx.saved_tensors
         row_grad = torch.where(row_aligned, grad_aligned, grad_unaligned).to(grads.dtype)
         s = scale.detach().to(grads.dtype).reshape(())
-        image_rows_grad, text_cols_grad, scale_grad_it = _direction_grads(grads[0], image_rows, text_cols, row_grad, s)
-        text_rows_grad, image_cols_grad, scale_grad_ti = _direction_grads(grads[1], text_rows, image_cols, row_grad, s)
+        if ctx.square:  # one tensor is both rows and columns: its gradient goes to one slot, in two matmuls
+            image_grad, text_grad, scale_sum = square_grads(grads[0], grads[1], image_rows, text_rows, row_grad)
+            image_rows_grad = image_grad.mul_(s.to(image_grad.dtype))
+            text_rows_grad = text_grad.mul_(s.to(text_grad.dtype))
+            text_cols_grad = image_cols_grad = None
+        else:
+            image_rows_grad, text_cols_grad, scale_it = _direction_grads(grads[0], image_rows, text_cols, row_grad, s)
+            text_rows_grad, image_cols_grad, scale_ti = _direction_grads(grads[1], text_rows, image_cols, row_grad, s)
+            scale_sum = scale_it + scale_ti
         scale_grad = None
         if ctx.needs_input_grad[4]:
-            scale_grad = scale_grad_it + scale_grad_ti - torch.dot(row_grad, corrections.sum(0))
+            scale_grad = scale_sum - torch.dot(row_grad, corrections.sum(0))
             scale_grad = scale_grad.to(scale.dtype).reshape(scale.shape)
         return (image_rows_grad, text_cols_grad, text_rows_grad, image_cols_grad, scale_grad,
                 None, None, None, None, None, None, None, None)
