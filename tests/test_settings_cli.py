@@ -76,3 +76,20 @@ def test_each_prepare_kind_is_declared_once_with_its_model():
     assert "filter_stats.json" in PREPARE_KINDS["filter"].completion_files
     with pytest.raises(ValueError, match="exactly one step kind"):
         PrepareEntry.model_validate({"filter": {"data": "d", "out": "o"}, "synth": {"out": "s"}})
+
+
+def test_a_plugin_that_cannot_be_imported_leaves_the_other_commands_working(monkeypatch, capsys):
+    """A package whose `alignlab.commands` entry point no longer imports (removed, or missing from an image)
+    gives one warning naming it; `alignlab` and its other commands keep working."""
+    from importlib import metadata
+
+    broken = metadata.EntryPoint(name="ghost", value="alignlab_no_such_package.cli:register",
+                                 group="alignlab.commands")
+    original = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points",
+                        lambda **kw: list(original(**kw)) + [broken] if kw.get("group") == "alignlab.commands"
+                        else original(**kw))
+    parser = build_parser()
+    err = capsys.readouterr().err
+    assert "the 'ghost' commands (alignlab_no_such_package.cli:register) are unavailable" in err
+    assert parser.parse_args(["config", "schema"]).config_command == "schema"

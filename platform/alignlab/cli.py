@@ -273,7 +273,13 @@ def _add_plugin_commands(sub) -> None:
     from importlib.metadata import entry_points
 
     for entry in sorted(entry_points(group="alignlab.commands"), key=lambda e: e.name):
-        entry.load()(sub)
+        try:
+            register = entry.load()
+        except ImportError as error:  # one broken plugin must not take every other command down with it
+            print(f"alignlab: warning: the '{entry.name}' commands ({entry.value}) are unavailable: {error}; "
+                  "reinstall the package that provides them", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def one_line(message: str) -> str:
