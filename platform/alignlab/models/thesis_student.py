@@ -22,6 +22,8 @@ from torch import nn
 
 from alignlab.models.dual_encoder import TowerPair
 from alignlab.models.shared_encoder import TTE_MODES, SharedBlock, SharedMLP, TokenTypeEmbedding
+from alignlab.models.text_transformer import TextTransformer
+from alignlab.models.towers import HFTextTower
 
 SHARED_KINDS = ("mlp", "block")
 LAYERS = {"mlp": ("h1", "h2", "h3"), "block": ("h1", "h2")}
@@ -34,10 +36,10 @@ def token_sequence(tower: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor
     no CLS token and is refused). Text towers: `forward_tokens` of the in-house transformer, or the
     transformers encoder's last hidden state; pad positions are not kept.
     """
-    if hasattr(tower, "pad_id") and hasattr(tower, "model") and hasattr(tower.model, "config"):  # HFTextTower
+    if isinstance(tower, HFTextTower):
         keep = inputs != tower.pad_id
         return tower.model(input_ids=inputs, attention_mask=keep.long()).last_hidden_state, keep
-    if hasattr(tower, "forward_tokens"):  # TextTransformer
+    if isinstance(tower, TextTransformer):
         return tower.forward_tokens(inputs), inputs != tower.pad_id
     hidden = tower.model.forward_features(inputs)
     if hidden.ndim != 3:
