@@ -92,8 +92,6 @@ class Teacher(nn.Module):
         self.source = source
         self.target_names = tuple(name for name in TARGET_NAMES
                                   if name in self.heads or name == "embedding" or (name == "logits" and has_logits))
-        if isinstance(backbone, TimmBackbone):  # online only (`tokens`): a cache would hold [N, 1 + P, D]
-            self.target_names += ("tokens",)
         self.requires_grad_(False)
         self.eval()
         self.weights_hash = state_dict_hash(self.state_dict())
@@ -146,7 +144,7 @@ class Teacher(nn.Module):
                input_std: Sequence[float]) -> torch.Tensor:
         """The backbone's final token sequence [B, 1 + N, D] (timm `forward_features`: CLS first, after the final
         norm), the targets of the thesis' T-CMLI; a timm ViT-like backbone only."""
-        if "tokens" not in self.target_names:
+        if not isinstance(self.backbone, TimmBackbone):  # online only: a cache would hold [N, 1 + P, D] per target
             raise ValueError(f"teacher {self.source} is not a timm model: it gives no token sequence")
         tokens = self.backbone.model.forward_features(self.prepare(images, input_mean, input_std))
         if tokens.ndim != 3:

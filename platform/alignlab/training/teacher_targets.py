@@ -90,7 +90,7 @@ def open_teacher_source(distill, data_root, device: torch.device | str = "cpu", 
     names = distill.needed_targets()
     if distill.cache is None:
         teacher = _load_teacher(distill)
-        missing = [name for name in names if name not in teacher.target_names]
+        missing = [name for name in names if name not in teacher.target_names + ("tokens",)]  # tokens: Teacher.tokens
         if missing:
             raise ValueError(f"distill.teacher={distill.teacher!r} gives targets {list(teacher.target_names)} but the "
                              f"enabled losses need {missing}: use a teacher folder from `alignlab teacher train` "
