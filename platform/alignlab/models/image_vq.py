@@ -73,7 +73,7 @@ class ImageVQ(FrozenTeacherTask):
 
     def __init__(self, teacher: nn.Module, teacher_dim: int, *, codebook_size: int, code_dim: int = 16,
                  decay: float = 0.99, mask_ratio: float = 0.9, image_size: int, patch_size: int, heads: int,
-                 input_mean=(), input_std=()):
+                 input_mean=(), input_std=(), mask_seed: int = 0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"vq.patch_size={patch_size} does not divide data.image_size={image_size}")
@@ -92,6 +92,10 @@ class ImageVQ(FrozenTeacherTask):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, teacher_dim))
         self.decoder = Block(teacher_dim, heads)
         self.norm = nn.LayerNorm(teacher_dim, eps=1e-6)
+        # Training masks are a pure function of (seed, batches drawn): the count is checkpointed, so a resumed
+        # run masks as an uninterrupted one (the global RNG also serves the data loader's start of an epoch).
+        self.mask_seed = mask_seed
+        self.register_buffer("mask_draws", torch.zeros((), dtype=torch.long))
         self.freeze_teacher()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -100,7 +104,12 @@ class ImageVQ(FrozenTeacherTask):
     def _masked_patches(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
         count = math.floor(self.mask_ratio * patches.shape[1] + 0.5)  # exactly this many per image
-        ranks = torch.rand(patches.shape[:2], device=patches.device).argsort(dim=1).argsort(dim=1)
+        generator = None
+        if self.training:
+            generator = torch.Generator().manual_seed(self.mask_seed * 1_000_003 + int(self.mask_draws))
+            self.mask_draws += 1
+        noise = torch.rand(patches.shape[:2], generator=generator).to(patches.device)  # eval: the global RNG
+        ranks = noise.argsort(dim=1).argsort(dim=1)
         masked = (ranks < count).unsqueeze(-1)
         return torch.where(masked, self.mask_token.to(patches.dtype), patches)
 

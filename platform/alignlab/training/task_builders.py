@@ -26,7 +26,8 @@ def task_model_from_config(cfg: ExperimentConfig) -> nn.Module | None:
         teacher = load_teacher(v.teacher, arch=v.teacher_arch, kwargs=v.teacher_kwargs)
         return ImageVQ(teacher, teacher.backbone.num_features, codebook_size=v.codebook_size, code_dim=v.code_dim,
                        decay=v.decay, mask_ratio=v.mask_ratio, image_size=cfg.data.image_size,
-                       patch_size=v.patch_size, heads=v.decoder_heads, input_mean=CLIP_MEAN, input_std=CLIP_STD)
+                       patch_size=v.patch_size, heads=v.decoder_heads, input_mean=CLIP_MEAN, input_std=CLIP_STD,
+                       mask_seed=cfg.seed)
     return None
 
 
