@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
+from alignlab.task_config import ImageClassifierConfig, ImageVQConfig, UnimodalKDConfig
 from alignlab.yaml12 import describe_yaml_error, load_yaml_text
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are uint32
@@ -282,9 +283,10 @@ class KnowledgeConfig(_Strict):
     """Knowledge extraction from the frozen teacher (the thesis; docs/methods.md): L = weight x L_KD + L_CL,
     with L_CL InfoNCE on the student's layers. Needs `model.student`."""
 
-    kind: Literal["off", "shre", "ssmke", "ctl"] = Field(
+    kind: Literal["off", "shre", "ssmke", "ctl", "tcmli"] = Field(
         "off", description="shre: KL on the teacher's logits (Eq 45-46); ssmke: MSE on its CLS (Eq 57); ctl: "
-        "contrastive target loss on its L2-normalised CLS (Eq 79-83).")
+        "contrastive target loss on its L2-normalised CLS (Eq 79-83); tcmli: target cross-modal late "
+        "interaction on its tokens (Eq 71-77, shared block only, online teacher).")
     weight: float = Field(1.0, gt=0, description="Weight of L_KD.")
     ctl_temperature: Literal["fixed", "none"] = Field(
         "fixed", description="CTL logit scale: fixed 1/0.07 (the released code) or none, 1 (the literal Eq 83).")
@@ -292,11 +294,15 @@ class KnowledgeConfig(_Strict):
                            "(Eq 84-85); 0: none.")
     bank_init: Literal["empty", "random"] = Field("empty", description="Bank slots before they are written: "
                                                   "left out (empty) or random unit vectors (the thesis code).")
+    tcmli_form: Literal["normalized", "literal"] = Field(
+        "normalized", description="T-CMLI text term: stop-gradient on the teacher side and L2-normalised in "
+        "g-space (default: g cannot shrink to zero), or the equations as printed.")
+    tcmli_dim: int = Field(32, ge=1, description="T-CMLI: width of the learned space g (the thesis: 32).")
 
     @property
     def target(self) -> str | None:
         """The teacher target the KD loss reads."""
-        return {"off": None, "shre": "logits", "ssmke": "embedding", "ctl": "embedding"}[self.kind]
+        return {"off": None, "shre": "logits", "ssmke": "embedding", "ctl": "embedding", "tcmli": "tokens"}[self.kind]
 
 
 class DistillConfig(_Strict):
@@ -398,6 +404,8 @@ class EvalConfig(_Strict):
     few_shot_task: str = "shape_color"
     few_shot_ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     few_shot_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    image_classifier: ImageClassifierConfig | None = Field(None, description="Unimodal image runs: the LN + linear "
+                                                           "probe or the fine-tune of the image tower (Eq 42).")
 
 
 class PrometheusConfig(_Strict):
@@ -434,6 +442,10 @@ class ExperimentConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    unimodal: UnimodalKDConfig | None = Field(None, description="Train one tower by layer-averaged distillation "
+                                              "instead of the image-text objective.")
+    vq: ImageVQConfig | None = Field(None, description="Train the image VQ of a teacher's CLS instead of the "
+                                     "image-text objective.")
 
     @field_validator("name")
     @classmethod
@@ -471,6 +483,32 @@ class ExperimentConfig(_Strict):
                                  f"turn off {', '.join(others)}")
             if self.train.accumulation_steps > 1:
                 raise ValueError("model.student does not support train.accumulation_steps > 1 yet: set it to 1")
+            if kd == "tcmli" and student.shared != "block":
+                raise ValueError("distill.knowledge.kind=tcmli regresses token sequences: set model.student.shared=block")
+            if kd == "tcmli" and self.distill.cache is not None:
+                raise ValueError("distill.knowledge.kind=tcmli needs the teacher's tokens, which no cache holds: set "
+                                 "distill.cache=null and distill.teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _single_modality_tasks(self) -> "ExperimentConfig":
+        """unimodal / vq replace the image-text objective: nothing of it may be asked for beside them."""
+        tasks = [name for name in ("unimodal", "vq") if getattr(self, name) is not None]
+        if len(tasks) > 1:
+            raise ValueError("unimodal and vq are two different training tasks: set one of them to null")
+        if self.eval.image_classifier is not None and (self.unimodal is None or self.unimodal.modality != "image"):
+            raise ValueError("eval.image_classifier evaluates the image tower of a unimodal image run: set "
+                             "unimodal.modality=image or eval.image_classifier=null")
+        if not tasks:
+            return self
+        if self.model.student is not None or self.distill.enabled:
+            raise ValueError(f"{tasks[0]} trains its own objective: set model.student=null and turn distill off "
+                             "(its teacher is given in the section itself)")
+        if self.train.accumulation_steps > 1:
+            raise ValueError(f"{tasks[0]} does not support train.accumulation_steps > 1: set it to 1")
+        if self.unimodal is not None and self.unimodal.modality == "text" and self.model.text.kind != "hf":
+            raise ValueError("unimodal.modality=text distils a transformers text tower: set model.text.kind=hf "
+                             "(model.text.hf_name_or_path: the teacher's directory, hf_layers: the student's depth)")
         return self
 
 

@@ -53,6 +53,10 @@ def evaluate_trained_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Pat
     e = cfg.eval
     device = str(next(model.parameters()).device)
     data_root = local_eval_root(resolve_data_root(cfg.data))  # s3://: a local cached copy
+    if cfg.unimodal is not None or cfg.vq is not None:  # one tower or the VQ: their own metrics
+        from alignlab.evaluate.tasks import evaluate_task
+
+        return evaluate_task(cfg, model, tokenizer, eval_transform, data_root, out_dir)
     metrics = evaluate_model(model, tokenizer, eval_transform, data_root, out_dir, batch_size=e.batch_size,
                              device=device, tasks=tuple(e.zeroshot_tasks), linear_probe_task=e.linear_probe_task,
                              shifts=tuple(e.shifts), histogram=e.histogram, linear_probe_cs=e.linear_probe_cs,

@@ -23,7 +23,10 @@ from alignlab.losses.knowledge import (
     shre_kd_loss,
     ssmke_mse_loss,
 )
+from alignlab.losses.late_interaction import tcmli_loss
+from alignlab.losses.layer_average import layer_averaged_kd_loss, layer_averaged_target
 from alignlab.losses.memory_bank import TeacherMemoryBank
+from alignlab.losses.vq import image_vq_loss
 from alignlab.losses.psd import psd_loss, psd_loss_terms
 
 __all__ = [
@@ -38,12 +41,16 @@ __all__ = [
     "gather_features",
     "gather_row_values",
     "hn_nce_loss",
+    "image_vq_loss",
     "keep_top_k",
+    "layer_averaged_kd_loss",
+    "layer_averaged_target",
     "multi_layer_clip_loss",
     "psd_loss",
     "psd_loss_terms",
     "shre_kd_loss",
     "soft_target_cross_entropy",
     "ssmke_mse_loss",
+    "tcmli_loss",
     "topk_distribution",
 ]

@@ -87,7 +87,9 @@ class SharedBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None,
+                return_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """return_tokens adds "h3_tokens": the head on every token [B, L, C] (T-CMLI's token targets)."""
         if tokens.ndim != 3:
             raise ValueError(f"shared block needs a token sequence [B, L, D], got shape {tuple(tokens.shape)}")
         keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if keep is None else keep
@@ -97,7 +99,10 @@ class SharedBlock(nn.Module):
         h2_raw = self.fc2(self.inner_norm(F.gelu(h1)))
         out = h_mha + (h2_raw * self.ls2 if self.ls2 is not None else h2_raw)
         h2 = out if self.h2_source == "residual" else h2_raw
-        return {"h1": h1[:, 0], "h2": h2[:, 0], "h3": self.head(self.norm_out(out)[:, 0])}
+        result = {"h1": h1[:, 0], "h2": h2[:, 0], "h3": self.head(self.norm_out(out)[:, 0])}
+        if return_tokens:
+            result["h3_tokens"] = self.head(self.norm_out(out))
+        return result
 
 
 class TokenTypeEmbedding(nn.Module):

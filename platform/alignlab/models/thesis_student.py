@@ -9,7 +9,9 @@ sequences.
 - `image_head`, `text_head`: the raw h''' outputs, for the KD losses (teacher logits or CLS);
 - `image_features`, `text_features`, `logit_scale`: the retrieval / zero-shot vector (h''' for the MLP, h''
   for the block by default: `retrieval_layer`) in the names the rest of the platform reads;
-- `bank`: the teacher memory bank (`attach_bank`) for the contrastive target loss, or None.
+- `bank`: the teacher memory bank (`attach_bank`) for the contrastive target loss, or None;
+- with T-CMLI's projection g attached (`attach_tcmli`, shared block only): `image_tokens`, `text_tokens` (h'''
+  on every token), `text_keep` (the caption's word tokens: no CLS, end or pad) and `tcmli_projection`.
 """
 
 from __future__ import annotations
@@ -77,11 +79,19 @@ class ThesisStudent(TowerPair):
             self._register_input_hooks()
         self.logit_scales = nn.Parameter(torch.full((len(self.layer_names),), math.log(init_logit_scale)))
         self.bank: nn.Module | None = None
+        self.tcmli: nn.Module | None = None
 
     def attach_bank(self, bank: nn.Module) -> None:
         """Hold the contrastive target loss' teacher memory bank (`alignlab.losses.TeacherMemoryBank`) as a
         submodule, so checkpoints carry its state and a resumed run continues with the same negatives."""
         self.bank = bank
+
+    def attach_tcmli(self, projection: nn.Module) -> None:
+        """Hold T-CMLI's learned projection g (trained and checkpointed with the student); forward then returns
+        the token sequences its loss reads. The shared block only: the MLP sees no tokens."""
+        if self.shared_kind != "block":
+            raise ValueError("T-CMLI regresses token sequences: it needs the shared block (model.student.shared=block)")
+        self.tcmli = projection
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As `nn.Module.load_state_dict`; a saved bank is dropped when this model has none (a model rebuilt
@@ -89,6 +99,8 @@ class ThesisStudent(TowerPair):
         before it resumes."""
         if self.bank is None:
             state_dict = {key: value for key, value in state_dict.items() if not key.startswith("bank.")}
+        if self.tcmli is None:  # g only serves the training loss
+            state_dict = {key: value for key, value in state_dict.items() if not key.startswith("tcmli.")}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _register_input_hooks(self) -> None:
@@ -100,11 +112,14 @@ class ThesisStudent(TowerPair):
         text_embedding.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("text"))
         image_entry.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("image"))
 
-    def _encode(self, tower: nn.Module, inputs: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+    def _encode(self, tower: nn.Module, inputs: torch.Tensor, modality: str,
+                tokens: bool = False) -> dict[str, torch.Tensor]:
         if self.shared_kind == "mlp":
             return self.shared(self.tte(tower(inputs), modality))
         hidden, keep = token_sequence(tower, inputs)
-        return self.shared(self.tte(hidden, modality), keep)
+        if not tokens:
+            return self.shared(self.tte(hidden, modality), keep)
+        return self.shared(self.tte(hidden, modality), keep, return_tokens=True) | {"keep": keep}
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self._encode(self.image_tower, images, "image")[self.retrieval_layer]
@@ -115,7 +130,9 @@ class ThesisStudent(TowerPair):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        image, text = self._encode(self.image_tower, images, "image"), self._encode(self.text_tower, tokens, "text")
+        late = self.tcmli is not None
+        image = self._encode(self.image_tower, images, "image", tokens=late)
+        text = self._encode(self.text_tower, tokens, "text", tokens=late)
         scales = self.logit_scales.exp().clamp(max=self.max_logit_scale)
         layers = [(F.normalize(image[name], dim=-1), F.normalize(text[name], dim=-1)) for name in self.layer_names]
         retrieval_scale = (scales[self.layer_names.index(self.retrieval_layer)]
@@ -123,7 +140,16 @@ class ThesisStudent(TowerPair):
         return {"layers": layers, "logit_scales": scales, "image_head": image["h3"], "text_head": text["h3"],
                 "image_features": F.normalize(image[self.retrieval_layer], dim=-1),
                 "text_features": F.normalize(text[self.retrieval_layer], dim=-1), "logit_scale": retrieval_scale,
-                "bank": self.bank}
+                "bank": self.bank} | (self._late_interaction_outputs(image, text) if late else {})
+
+    def _late_interaction_outputs(self, image: dict, text: dict) -> dict:
+        """T-CMLI's inputs: every token's h''', and the caption's word tokens (CLS, the end token and pads out)."""
+        keep = text["keep"].clone()
+        keep[:, 0] = False
+        last = keep.shape[1] - 1 - text["keep"].flip(1).int().argmax(dim=1)  # the end token: the last kept one
+        keep[torch.arange(keep.shape[0], device=keep.device), last] = False
+        return {"image_tokens": image["h3_tokens"], "text_tokens": text["h3_tokens"], "text_keep": keep,
+                "tcmli_projection": self.tcmli}
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

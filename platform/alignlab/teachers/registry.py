@@ -139,6 +139,20 @@ class Teacher(nn.Module):
         return out
 
 
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, *, input_mean: Sequence[float],
+               input_std: Sequence[float]) -> torch.Tensor:
+        """The backbone's final token sequence [B, 1 + N, D] (timm `forward_features`: CLS first, after the final
+        norm), the targets of the thesis' T-CMLI; a timm ViT-like backbone only."""
+        if not isinstance(self.backbone, TimmBackbone):  # online only: a cache would hold [N, 1 + P, D] per target
+            raise ValueError(f"teacher {self.source} is not a timm model: it gives no token sequence")
+        tokens = self.backbone.model.forward_features(self.prepare(images, input_mean, input_std))
+        if tokens.ndim != 3:
+            raise ValueError(f"teacher {self.source} gives features of shape {tuple(tokens.shape)}, not tokens "
+                             "[B, 1 + N, D]: use a ViT-like teacher")
+        return tokens
+
+
 class TimmBackbone(nn.Module):
     """A timm model -> (pre-logits pooled features, classifier logits or None when num_classes == 0)."""
 

@@ -182,6 +182,12 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str):
             kd = losses.shre_kd_loss(image, text, target)
         elif k.kind == "ssmke":
             kd = losses.ssmke_mse_loss(image, text, target)
+        elif k.kind == "tcmli":
+            image_term, text_term = losses.tcmli_loss(outputs["image_tokens"], outputs["text_tokens"],
+                                                      outputs["text_keep"], target, outputs["tcmli_projection"],
+                                                      form=k.tcmli_form)
+            terms["kd_image"], terms["kd_text"] = k.weight * image_term / 2, k.weight * text_term / 2
+            return terms, {}
         else:
             teacher, bank = F.normalize(target, dim=-1), outputs.get("bank")
             kd = losses.ctl_kd_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), teacher, ctl_scale,
@@ -250,6 +256,8 @@ def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, d
     sizes = target_sizes(names, cache=cache, teacher=teacher, image_size=cfg.data.image_size, device=device)
     if cfg.model.student is not None:
         _check_student_width(cfg, sizes)
+        if d.knowledge.kind == "tcmli":  # g: 768 -> 32 in the thesis, shared by both sides
+            model.attach_tcmli(torch.nn.Linear(cfg.model.student.out_dim, d.knowledge.tcmli_dim))
         if d.knowledge.kind == "ctl" and d.knowledge.bank_size:
             model.attach_bank(losses.TeacherMemoryBank(d.knowledge.bank_size, sizes["embedding"],
                                                        init=d.knowledge.bank_init, seed=cfg.seed))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.config import ExperimentConfig, apply_overrides, validate_config
-from alignlab.training import builders
+from alignlab.training import builders, task_builders
 from alignlab.data.roots import resolve_data_root
 from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.errors import CheckpointError
@@ -24,6 +24,6 @@ def load_run_model(checkpoint: str | Path, *, overrides: dict[str, Any] | None =
                               f"checkpoints/step-*.pt")
     cfg = validate_config(apply_overrides(state["config"], overrides or {}), source=f"config stored in {path}")
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, resolve_data_root(cfg.data))
-    model = builders.model_from_config(cfg.model, tokenizer)
+    model = task_builders.task_model_from_config(cfg) or builders.model_from_config(cfg.model, tokenizer)
     model.load_state_dict(state["model"])
     return cfg, model, tokenizer

@@ -50,6 +50,8 @@ class TeacherTargets:
         if self.online:
             with torch.no_grad():
                 raw = self.teacher(images, input_mean=self.input_mean, input_std=self.input_std)
+                if "tokens" in self.names:
+                    raw["tokens"] = self.teacher.tokens(images, input_mean=self.input_mean, input_std=self.input_std)
             found = {name: F.softmax(raw[name].float(), dim=-1) if name in CONCEPTS else raw[name].float()
                      for name in self.names}
         else:
@@ -73,6 +75,8 @@ def target_sizes(names: Sequence[str], *, cache=None, teacher=None, image_size: 
         blank = torch.zeros(1, 3, image_size, image_size, device=device)
         with torch.no_grad():
             out = teacher(blank, input_mean=teacher.mean, input_std=teacher.std)
+            if "tokens" in names:
+                out["tokens"] = teacher.tokens(blank, input_mean=teacher.mean, input_std=teacher.std)
         sizes = {name: int(value.shape[-1]) for name, value in out.items()}
     return {name: int(sizes[name]) for name in names}
 
@@ -86,7 +90,7 @@ def open_teacher_source(distill, data_root, device: torch.device | str = "cpu", 
     names = distill.needed_targets()
     if distill.cache is None:
         teacher = _load_teacher(distill)
-        missing = [name for name in names if name not in teacher.target_names]
+        missing = [name for name in names if name not in teacher.target_names + ("tokens",)]  # tokens: Teacher.tokens
         if missing:
             raise ValueError(f"distill.teacher={distill.teacher!r} gives targets {list(teacher.target_names)} but the "
                              f"enabled losses need {missing}: use a teacher folder from `alignlab teacher train` "

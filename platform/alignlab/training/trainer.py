@@ -38,7 +38,7 @@ from alignlab.data.dataset import ResumableBatchSampler, loader_for_sampler
 from alignlab.data.skips import SkipTracker
 from alignlab.redaction import redact
 from alignlab.yaml12 import dump_yaml
-from alignlab.training import builders
+from alignlab.training import builders, task_builders
 from alignlab.data.roots import resolve_data_root
 from alignlab.training.checkpoint import (
     atomic_torch_save,
@@ -129,9 +129,11 @@ def forward_backward(model, loss_fn, images, tokens, context, *, accumulation: i
 
 
 def _step_record(terms: dict, logs: dict, outputs: dict) -> dict:
-    record = {"loss": sum(v.detach() for v in terms.values()), "logit_scale": outputs["logit_scale"].detach(),
-              "collapse/image_mean_cos": mean_pairwise_cosine(outputs["image_features"].detach()),
-              "collapse/text_mean_cos": mean_pairwise_cosine(outputs["text_features"].detach())}
+    record = {"loss": sum(v.detach() for v in terms.values())}
+    if "logit_scale" in outputs:  # single-modality tasks (unimodal KD, VQ) have neither scale nor pairs
+        record |= {"logit_scale": outputs["logit_scale"].detach(),
+                   "collapse/image_mean_cos": mean_pairwise_cosine(outputs["image_features"].detach()),
+                   "collapse/text_mean_cos": mean_pairwise_cosine(outputs["text_features"].detach())}
     return record | {f"loss/{k}": v.detach() for k, v in terms.items()} | logs
 
 
@@ -174,7 +176,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     builders.seed_everything(cfg.seed)
     data_root = resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
-    raw_model = builders.model_from_config(cfg.model, tokenizer)
+    raw_model = task_builders.task_model_from_config(cfg) or builders.model_from_config(cfg.model, tokenizer)
     train_transform, _ = builders.transforms_from_config(cfg.data)
     dataset = builders.train_dataset_from_config(cfg.data, data_root, tokenizer, train_transform)
     # skips.json; past data.max_skip_fraction of corrupt samples the run stops here, or at a checkpoint
@@ -201,7 +203,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                                 tcfg.min_lr_ratio)
     precision, autocast = _autocast(tcfg.precision, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "amp_fp16")
-    loss_fn = builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed, cfg.distill)
+    loss_fn = (task_builders.task_loss_from_config(cfg)
+               or builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed, cfg.distill))
 
     step, epoch, batch_in_epoch = 0, 0, 0
     history, changes = [], []

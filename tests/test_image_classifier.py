@@ -1,0 +1,67 @@
+"""The thesis' probe and fine-tune of a distilled image tower (Eq 42): mean of the patch tokens (CLS dropped)
+-> LN -> Linear, layer-wise lr decay from timm, the encoder frozen in the probe, and both protocols run as
+the evaluation of a unimodal image-distillation run."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from alignlab.config import validate_config
+from alignlab.evaluate.image_classifier import PatchMeanClassifier
+from alignlab.experiment import evaluate_checkpoint
+from alignlab.task_config import ImageClassifierConfig
+from alignlab.training.trainer import train
+from test_unimodal_kd import VIT, image_tree, vit_teacher  # noqa: F401  (the fixture)
+
+
+def test_the_head_reads_the_mean_of_the_patch_tokens_and_lr_decays_by_layer():
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, **VIT)
+    model = PatchMeanClassifier(encoder, 5).eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = encoder.forward_features(images)
+    assert torch.allclose(model(images), model.head(model.norm(tokens[:, 1:].mean(dim=1))))
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=0.01, layer_decay=0.81)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    depth = len(encoder.blocks)  # layers: 0 = embeddings, 1..depth = blocks, depth + 1 = head and final norm
+    assert scale[id(named["encoder.patch_embed.proj.weight"])] == 0.81 ** (depth + 1)
+    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.81 ** depth
+    assert scale[id(named["encoder.blocks.3.mlp.fc2.weight"])] == 0.81
+    assert scale[id(named["head.weight"])] == scale[id(named["norm.weight"])] == 1.0
+
+
+def test_probe_and_finetune_evaluate_a_distilled_tower(synth_root, tmp_path, vit_teacher):  # noqa: F811
+    tree = image_tree(synth_root, tmp_path, vit_teacher, max_steps=2)
+    small = {"epochs": 2, "batch_size": 32, "lr": 1e-3, "task": "shape"}
+    tree["eval"] = {"enabled": True, "batch_size": 64, "image_classifier": small | {"protocol": "probe"}}
+    cfg = validate_config(tree)
+    run = train(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in run.model.student.state_dict().items()}
+    from alignlab.experiment import evaluate_trained_model
+
+    probe = evaluate_trained_model(cfg, run.model, None, tmp_path / "eval")
+    assert all(torch.equal(before[k], v) for k, v in run.model.student.state_dict().items())  # a copy is trained
+    assert 0 <= probe["image_classifier/top1"] <= 100 and probe["image_classifier/best_epoch"] in (1.0, 2.0)
+    assert probe["kd/val_loss"] > 0
+    finetune_cfg = validate_config(tree | {"eval": tree["eval"] | {"image_classifier": small | {"protocol": "finetune"}}})
+    finetune = evaluate_trained_model(finetune_cfg, run.model, None, tmp_path / "eval-ft")
+    assert finetune["kd/val_loss"] == probe["kd/val_loss"]  # same tower, same val data
+    assert finetune["image_classifier/top1"] != probe["image_classifier/top1"] or \
+        finetune["image_classifier/val_top1"] != probe["image_classifier/val_top1"]
+    # the checkpoint path rebuilds the run (teacher loaded again, not stored) and gives the same numbers
+    again = evaluate_checkpoint(tmp_path / "run" / "final.pt", tmp_path / "eval-again")
+    assert again == probe
+
+
+def test_bad_classifier_settings_are_one_line_errors():
+    import pytest
+
+    from pydantic import ValidationError
+
+    for field, value in (("layer_decay", 0.0), ("rand_augment", "m9"), ("crop_scale", [0.5, 0.1])):
+        with pytest.raises(ValidationError, match=field):
+            ImageClassifierConfig(**{field: value})
