@@ -20,6 +20,7 @@ from alignlab import losses
 from alignlab.models import build_dual_encoder
 from alignlab.models.presets import build_image_tower, build_text_tower
 from alignlab.models.thesis_student import ThesisStudent
+from alignlab.training import thesis_objectives
 from alignlab.training.optim import GroupRule
 from alignlab.training.psd_partition import aligned_mask, alpha_at
 from alignlab.training.teacher_targets import TeacherTargets, target_sizes
@@ -175,7 +176,10 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str):
     ctl_scale = 1 / 0.07 if k.ctl_temperature == "fixed" else 1.0
 
     def knowledge_extraction(outputs: dict, context: dict):
-        terms = {"contrastive": losses.multi_layer_clip_loss(outputs["layers"], outputs["logit_scales"], mode)}
+        terms, logs = {"contrastive": thesis_objectives.contrastive_term(outputs, mode)}, {}
+        if k.itm.negatives != "off":
+            itm, logs["itm/acc"] = thesis_objectives.itm_term(outputs, k.itm.negatives)
+            terms["itm"] = k.itm.weight * itm
         target = context["targets"][k.target]
         image, text = outputs["image_head"], outputs["text_head"]
         if k.kind == "shre":
@@ -189,7 +193,7 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str):
             if bank is not None:
                 bank.push(teacher, distributed=mode)
         terms[f"kd_{k.kind}"] = k.weight * kd
-        return terms, {}
+        return terms, logs
     return knowledge_extraction
 
 
@@ -250,6 +254,7 @@ def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, d
     sizes = target_sizes(names, cache=cache, teacher=teacher, image_size=cfg.data.image_size, device=device)
     if cfg.model.student is not None:
         _check_student_width(cfg, sizes)
+        thesis_objectives.attach_thesis_modules(model, d.knowledge)  # first: the momentum copy is of the bare student
         if d.knowledge.kind == "ctl" and d.knowledge.bank_size:
             model.attach_bank(losses.TeacherMemoryBank(d.knowledge.bank_size, sizes["embedding"],
                                                        init=d.knowledge.bank_init, seed=cfg.seed))
