@@ -151,7 +151,7 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
     join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
     if distill is not None and distill.knowledge.kind != "off":
-        return _knowledge_extraction(distill.knowledge, mode)
+        return _knowledge_extraction(distill.knowledge, mode, seed)
     contrastive = _contrastive_loss(loss, mode, seed, distill or DistillConfig())
     if distill is None or not (distill.concepts.names or distill.embedding.enabled):
         return contrastive
@@ -170,7 +170,7 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
     return with_distillation
 
 
-def _knowledge_extraction(k: KnowledgeConfig, mode: str):
+def _knowledge_extraction(k: KnowledgeConfig, mode: str, seed: int = 0):
     """The thesis' objective: weight x L_KD + multi-layer InfoNCE (docs/methods.md, "Thesis methods"). CTL
     pushes the batch's teacher vectors into the model's bank after using it (Eq 84-85)."""
     ctl_scale = 1 / 0.07 if k.ctl_temperature == "fixed" else 1.0
@@ -178,7 +178,7 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str):
     def knowledge_extraction(outputs: dict, context: dict):
         terms, logs = {"contrastive": thesis_objectives.contrastive_term(outputs, mode)}, {}
         if k.itm.negatives != "off":
-            itm, logs["itm/acc"] = thesis_objectives.itm_term(outputs, k.itm.negatives)
+            itm, logs["itm/acc"] = thesis_objectives.itm_term(outputs, k.itm.negatives, seed, context["step"])
             terms["itm"] = k.itm.weight * itm
         target = context["targets"][k.target]
         image, text = outputs["image_head"], outputs["text_head"]

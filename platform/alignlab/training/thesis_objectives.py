@@ -68,15 +68,18 @@ def contrastive_term(outputs: dict, mode: str) -> torch.Tensor:
     return torch.stack(values).mean()
 
 
-def itm_term(outputs: dict, negatives: str) -> tuple[torch.Tensor, torch.Tensor]:
+def itm_term(outputs: dict, negatives: str, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_ITM, accuracy), Eq 66: the mean of the h' and h'' heads' losses on this rank's batch (B pairs, 2B
-    non-pairs drawn from it); hard negatives follow that layer's ITC logits."""
+    non-pairs drawn from it); hard negatives follow that layer's ITC logits. The draws are a pure function of
+    (seed, step), not of the global RNG (which a resume's new data-loader iterator advances), so a resumed
+    run draws the same negatives."""
     values, accuracies = [], []
     for name, head in outputs["itm"].items():
         index = LAYER_ORDER.index(name)
         image, text = outputs["layers"][index]
         similarity = outputs["logit_scales"][index].detach() * image.detach() @ text.detach().T
-        text_for_image, image_for_text = sample_itm_negatives(similarity, negatives)
+        generator = torch.Generator(device=similarity.device).manual_seed((seed * 1_000_003 + step) * 4 + index)
+        text_for_image, image_for_text = sample_itm_negatives(similarity, negatives, generator)
         raw_image, raw_text = outputs["raw_layers"][index]
         value, accuracy = itm_loss(head, raw_image, raw_text, text_for_image, image_for_text)
         values.append(value)
