@@ -69,7 +69,7 @@ def contrastive_term(outputs: dict, mode: str) -> torch.Tensor:
 
 
 def itm_term(outputs: dict, negatives: str, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_ITM, accuracy), Eq 66: the mean of the h' and h'' heads' losses on this rank's batch (B pairs, 2B
+    """(L_ITM, accuracy in %, as the thesis' Fig. 22), Eq 66: the mean of the h' and h'' heads' losses on this rank's batch (B pairs, 2B
     non-pairs drawn from it); hard negatives follow that layer's ITC logits. The draws are a pure function of
     (seed, step), not of the global RNG (which a resume's new data-loader iterator advances), so a resumed
     run draws the same negatives."""
@@ -84,4 +84,4 @@ def itm_term(outputs: dict, negatives: str, seed: int, step: int) -> tuple[torch
         value, accuracy = itm_loss(head, raw_image, raw_text, text_for_image, image_for_text)
         values.append(value)
         accuracies.append(accuracy)
-    return torch.stack(values).mean(), torch.stack(accuracies).mean()
+    return torch.stack(values).mean(), 100.0 * torch.stack(accuracies).mean()
