@@ -189,3 +189,26 @@ def test_momentum_infonce_on_two_gloo_ranks_matches_one_process(tmp_path):
         for rank, result in enumerate(ranks):
             torch.testing.assert_close(result[mode][1] / WORLD_SIZE, image.grad[rank * n:(rank + 1) * n])
             torch.testing.assert_close(result[mode][2] / WORLD_SIZE, text.grad[rank * n:(rank + 1) * n])
+
+
+def test_the_momentum_copy_of_a_student_with_input_type_embeddings_adds_its_own():
+    """tte='before' adds the modality vector through forward hooks on the towers' input embeddings; the copy's
+    hooks must read the copy's (EMA) vectors, not the student's."""
+    from alignlab.models.text_transformer import TextTransformer
+    from alignlab.models.thesis_student import ThesisStudent
+    from alignlab.models.towers import ImageTower
+
+    torch.manual_seed(0)
+    image = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    text = TextTransformer(vocab_size=50, context_length=12, width=16, layers=1, heads=2, pool="first",
+                           causal=False, pad_id=0)
+    student = ThesisStudent(image, text, shared="block", out_dim=8, heads=2, tte="before").eval()
+    encoder = MomentumEncoder(student, momentum=0.5)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.model(images, tokens)["layers"][1], student(images, tokens)["layers"][1])
+        student.tte.embedding.weight.add_(5.0)  # only the student's vectors move
+        copy_after = encoder.model(images, tokens)["layers"][1]
+        assert not torch.allclose(copy_after[1], student(images, tokens)["layers"][1][1])
+        encoder.model.tte.embedding.weight.add_(5.0)
+        torch.testing.assert_close(encoder.model(images, tokens)["layers"][1], student(images, tokens)["layers"][1])

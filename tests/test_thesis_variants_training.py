@@ -120,5 +120,7 @@ def test_bad_variant_settings_are_named(synth_root, tmp_path, teacher_file):
         _config(synth_root, tmp_path, teacher_file, {"itm": {"negatives": "semi-hard"}})
     with pytest.raises(ConfigError, match="distill.knowledge.student_bank_size"):
         _config(synth_root, tmp_path, teacher_file, {"student_bank_size": -1})
+    with pytest.raises(ConfigError, match="itm.negatives change the thesis' student objective, but kind=off"):
+        _config(synth_root, tmp_path, teacher_file, {"kind": "off", "itm": {"negatives": "random"}})
     with pytest.raises(ConfigError, match="choose one"):
         _config(synth_root, tmp_path, teacher_file, {"student_bank_size": 8, "momentum": {"enabled": True}})

@@ -319,7 +319,13 @@ class KnowledgeConfig(_Strict):
     itm: ITMConfig = Field(default_factory=ITMConfig)
 
     @model_validator(mode="after")
-    def _one_way_to_more_negatives(self) -> "KnowledgeConfig":
+    def _variants_of_the_student(self) -> "KnowledgeConfig":
+        variants = [name for name, on in (("momentum.enabled", self.momentum.enabled),
+                                          ("student_bank_size", self.student_bank_size > 0),
+                                          ("itm.negatives", self.itm.negatives != "off")) if on]
+        if variants and self.kind == "off":
+            raise ValueError(f"{', '.join(variants)} change the thesis' student objective, but kind=off: set "
+                             "distill.knowledge.kind (e.g. ssmke) and model.student, or turn them off")
         if self.momentum.enabled and self.student_bank_size:
             raise ValueError("momentum.enabled and student_bank_size both change the contrastive loss' negatives: "
                              "choose one (set student_bank_size=0 or momentum.enabled=false)")
