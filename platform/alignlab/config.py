@@ -279,6 +279,26 @@ class DistributionDistillConfig(_Strict):
         "image projection (teacher width = image tower width), or as is (teacher width = model.embed_dim).")
 
 
+class MomentumConfig(_Strict):
+    """The thesis' momentum encoder + queue (section 3.2.4.3.2, Eq 70, Table 22): InfoNCE on h'' only, against an
+    EMA copy of the student's h'' of the batch and queues of its past vectors (replaces the multi-layer InfoNCE)."""
+
+    enabled: bool = False
+    m: float = Field(0.995, ge=0, lt=1, description="EMA momentum: theta_k = m theta_k + (1 - m) theta_q.")
+    queue_size: int = Field(65536, ge=0, description="Past momentum vectors per modality (the thesis: 65,536; "
+                            "0: the batch only).")
+
+
+class ITMConfig(_Strict):
+    """The thesis' image-text matching with feature fusion (section 3.2.4.2, Eq 64-68): a 2-way head on h' and on
+    h'' each, B pairs and 2B sampled non-pairs per batch, added to the loss with `weight`."""
+
+    negatives: Literal["off", "random", "hard"] = Field("off", description="off: no ITM; random: uniform over "
+                                                        "the batch; hard: drawn by softmax of the layer's ITC logits.")
+    weight: float = Field(1.0, gt=0, description="Weight of L_ITM (the thesis: 1).")
+    dim: int = Field(128, ge=1, description="Width of the fused projection (not given by the thesis).")
+
+
 class KnowledgeConfig(_Strict):
     """Knowledge extraction from the frozen teacher (the thesis; docs/methods.md): L = weight x L_KD + L_CL,
     with L_CL InfoNCE on the student's layers. Needs `model.student`."""
@@ -298,6 +318,24 @@ class KnowledgeConfig(_Strict):
         "normalized", description="T-CMLI text term: stop-gradient on the teacher side and L2-normalised in "
         "g-space (default: g cannot shrink to zero), or the equations as printed.")
     tcmli_dim: int = Field(32, ge=1, description="T-CMLI: width of the learned space g (the thesis: 32).")
+    momentum: MomentumConfig = Field(default_factory=MomentumConfig)
+    student_bank_size: int = Field(0, ge=0, description="FIFO banks of past student vectors per modality and "
+                                   "layer as extra InfoNCE negatives (Tables 20-21; the thesis' example: 3 x the "
+                                   "batch); 0: none.")
+    itm: ITMConfig = Field(default_factory=ITMConfig)
+
+    @model_validator(mode="after")
+    def _variants_of_the_student(self) -> "KnowledgeConfig":
+        variants = [name for name, on in (("momentum.enabled", self.momentum.enabled),
+                                          ("student_bank_size", self.student_bank_size > 0),
+                                          ("itm.negatives", self.itm.negatives != "off")) if on]
+        if variants and self.kind == "off":
+            raise ValueError(f"{', '.join(variants)} change the thesis' student objective, but kind=off: set "
+                             "distill.knowledge.kind (e.g. ssmke) and model.student, or turn them off")
+        if self.momentum.enabled and self.student_bank_size:
+            raise ValueError("momentum.enabled and student_bank_size both change the contrastive loss' negatives: "
+                             "choose one (set student_bank_size=0 or momentum.enabled=false)")
+        return self
 
     @property
     def target(self) -> str | None:

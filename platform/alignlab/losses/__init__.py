@@ -23,13 +23,16 @@ from alignlab.losses.knowledge import (
     shre_kd_loss,
     ssmke_mse_loss,
 )
+from alignlab.losses.itm import itm_loss, sample_itm_negatives
 from alignlab.losses.late_interaction import tcmli_loss
 from alignlab.losses.layer_average import layer_averaged_kd_loss, layer_averaged_target
-from alignlab.losses.memory_bank import TeacherMemoryBank
+from alignlab.losses.memory_bank import FeatureQueue, TeacherMemoryBank
 from alignlab.losses.vq import image_vq_loss
 from alignlab.losses.psd import psd_loss, psd_loss_terms
+from alignlab.losses.queued import momentum_clip_loss, queued_infonce, student_bank_clip_loss
 
 __all__ = [
+    "FeatureQueue",
     "LossBatch",
     "TeacherMemoryBank",
     "clip_loss",
@@ -42,15 +45,20 @@ __all__ = [
     "gather_row_values",
     "hn_nce_loss",
     "image_vq_loss",
+    "itm_loss",
     "keep_top_k",
     "layer_averaged_kd_loss",
     "layer_averaged_target",
+    "momentum_clip_loss",
     "multi_layer_clip_loss",
     "psd_loss",
     "psd_loss_terms",
+    "queued_infonce",
+    "sample_itm_negatives",
     "shre_kd_loss",
     "soft_target_cross_entropy",
     "ssmke_mse_loss",
+    "student_bank_clip_loss",
     "tcmli_loss",
     "topk_distribution",
 ]

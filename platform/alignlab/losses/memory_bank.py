@@ -59,3 +59,8 @@ class TeacherMemoryBank(nn.Module):
         self.queue[slots.to(self.queue.device)] = vectors
         self.pointer.fill_((int(self.pointer) + vectors.shape[0]) % self.size)
         self.filled.fill_(min(self.size, int(self.filled) + vectors.shape[0]))
+
+
+class FeatureQueue(TeacherMemoryBank):
+    """The same FIFO for vectors the student makes: the student memory bank (thesis Tables 20-21) and the
+    momentum encoder's queues (Table 22). Unlike teacher vectors these go stale as the weights move."""

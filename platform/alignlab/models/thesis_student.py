@@ -12,6 +12,10 @@ sequences.
 - `bank`: the teacher memory bank (`attach_bank`) for the contrastive target loss, or None;
 - with T-CMLI's projection g attached (`attach_tcmli`, shared block only): `image_tokens`, `text_tokens` (h'''
   on every token), `text_keep` (the caption's word tokens: no CLS, end or pad) and `tcmli_projection`.
+- `raw_layers`: the (image, text) vectors of the same layers before normalisation (ITM reads them);
+- `momentum`: the momentum encoder's normalised (image, text) h'' of the batch, computed before the student's
+  forward pass while training, or None; `momentum_encoder`, `student_bank`, `itm`: the attached modules
+  (`attach`), or None.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from alignlab.models.text_transformer import TextTransformer
 from alignlab.models.towers import HFTextTower
 
 SHARED_KINDS = ("mlp", "block")
+# Modules only training uses; a model rebuilt for evaluation has none and drops their saved state.
+TRAINING_MODULES = ("bank", "momentum_encoder", "student_bank", "itm", "tcmli")
 LAYERS = {"mlp": ("h1", "h2", "h3"), "block": ("h1", "h2")}
 
 
@@ -80,6 +86,9 @@ class ThesisStudent(TowerPair):
         self.logit_scales = nn.Parameter(torch.full((len(self.layer_names),), math.log(init_logit_scale)))
         self.bank: nn.Module | None = None
         self.tcmli: nn.Module | None = None
+        self.momentum_encoder: nn.Module | None = None
+        self.student_bank: nn.Module | None = None
+        self.itm: nn.Module | None = None
 
     def attach_bank(self, bank: nn.Module) -> None:
         """Hold the contrastive target loss' teacher memory bank (`alignlab.losses.TeacherMemoryBank`) as a
@@ -91,16 +100,26 @@ class ThesisStudent(TowerPair):
         the token sequences its loss reads. The shared block only: the MLP sees no tokens."""
         if self.shared_kind != "block":
             raise ValueError("T-CMLI regresses token sequences: it needs the shared block (model.student.shared=block)")
-        self.tcmli = projection
+        self.attach("tcmli", projection)
+
+    def attach(self, name: str, module: nn.Module) -> None:
+        """Hold a training-only module (`TRAINING_MODULES`: the momentum encoder, the student memory bank, the
+        ITM heads, T-CMLI's g) as a submodule, so checkpoints and the optimizer see it."""
+        if name not in TRAINING_MODULES:
+            raise ValueError(f"cannot attach {name!r}: the student holds only {TRAINING_MODULES}")
+        setattr(self, name, module)
+
+    def layer_widths(self) -> dict[str, int]:
+        """Width of each layer's vector: h1 (the FFN's hidden width), h2 (the towers'), h3 (out_dim)."""
+        return {"h1": self.shared.fc1.out_features, "h2": self.shared.fc2.out_features,
+                "h3": self.shared.head.out_features}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As `nn.Module.load_state_dict`; a saved bank is dropped when this model has none (a model rebuilt
-        for evaluation from the config alone: the bank only serves training). Training attaches its bank
-        before it resumes."""
-        if self.bank is None:
-            state_dict = {key: value for key, value in state_dict.items() if not key.startswith("bank.")}
-        if self.tcmli is None:  # g only serves the training loss
-            state_dict = {key: value for key, value in state_dict.items() if not key.startswith("tcmli.")}
+        """As `nn.Module.load_state_dict`; the saved state of a training-only module (the bank, the momentum
+        encoder, ...) is dropped when this model has none (a model rebuilt for evaluation from the config
+        alone). Training attaches its modules before it resumes."""
+        absent = tuple(f"{name}." for name in TRAINING_MODULES if getattr(self, name) is None)
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(absent)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _register_input_hooks(self) -> None:
@@ -109,8 +128,15 @@ class ThesisStudent(TowerPair):
         image_entry = getattr(self.image_tower.model, "patch_embed", None)
         if text_embedding is None or image_entry is None:
             raise ValueError("tte='before' needs a ViT-like image tower and the in-house text transformer")
-        text_embedding.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("text"))
-        image_entry.register_forward_hook(lambda _m, _i, out: out + self.tte.vector("image"))
+        # Bound methods, not closures: a deep copy (the momentum encoder) then adds its own vectors.
+        text_embedding.register_forward_hook(self._add_text_type)
+        image_entry.register_forward_hook(self._add_image_type)
+
+    def _add_text_type(self, _module: nn.Module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        return out + self.tte.vector("text")
+
+    def _add_image_type(self, _module: nn.Module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        return out + self.tte.vector("image")
 
     def _encode(self, tower: nn.Module, inputs: torch.Tensor, modality: str,
                 tokens: bool = False) -> dict[str, torch.Tensor]:
@@ -130,6 +156,8 @@ class ThesisStudent(TowerPair):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        momentum = (self.momentum_encoder.step(self, images, tokens)  # first: the thesis' order (Fig. 26)
+                    if self.momentum_encoder is not None and self.training else None)
         late = self.tcmli is not None
         image = self._encode(self.image_tower, images, "image", tokens=late)
         text = self._encode(self.text_tower, tokens, "text", tokens=late)
@@ -140,7 +168,9 @@ class ThesisStudent(TowerPair):
         return {"layers": layers, "logit_scales": scales, "image_head": image["h3"], "text_head": text["h3"],
                 "image_features": F.normalize(image[self.retrieval_layer], dim=-1),
                 "text_features": F.normalize(text[self.retrieval_layer], dim=-1), "logit_scale": retrieval_scale,
-                "bank": self.bank} | (self._late_interaction_outputs(image, text) if late else {})
+                "bank": self.bank, "raw_layers": [(image[name], text[name]) for name in self.layer_names],
+                "momentum": momentum, "momentum_encoder": self.momentum_encoder, "student_bank": self.student_bank,
+                "itm": self.itm} | (self._late_interaction_outputs(image, text) if late else {})
 
     def _late_interaction_outputs(self, image: dict, text: dict) -> dict:
         """T-CMLI's inputs: every token's h''', and the caption's word tokens (CLS, the end token and pads out)."""

@@ -20,6 +20,7 @@ from alignlab import losses
 from alignlab.models import build_dual_encoder
 from alignlab.models.presets import build_image_tower, build_text_tower
 from alignlab.models.thesis_student import ThesisStudent
+from alignlab.training import thesis_objectives
 from alignlab.training.optim import GroupRule
 from alignlab.training.psd_partition import aligned_mask, alpha_at
 from alignlab.training.teacher_targets import TeacherTargets, target_sizes
@@ -150,7 +151,7 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
     join the contrastive one; they read the teacher targets in `context["targets"]`."""
     mode = loss.distributed if world_size > 1 else "none"
     if distill is not None and distill.knowledge.kind != "off":
-        return _knowledge_extraction(distill.knowledge, mode)
+        return _knowledge_extraction(distill.knowledge, mode, seed)
     contrastive = _contrastive_loss(loss, mode, seed, distill or DistillConfig())
     if distill is None or not (distill.concepts.names or distill.embedding.enabled):
         return contrastive
@@ -169,13 +170,16 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
     return with_distillation
 
 
-def _knowledge_extraction(k: KnowledgeConfig, mode: str):
+def _knowledge_extraction(k: KnowledgeConfig, mode: str, seed: int = 0):
     """The thesis' objective: weight x L_KD + multi-layer InfoNCE (docs/methods.md, "Thesis methods"). CTL
     pushes the batch's teacher vectors into the model's bank after using it (Eq 84-85)."""
     ctl_scale = 1 / 0.07 if k.ctl_temperature == "fixed" else 1.0
 
     def knowledge_extraction(outputs: dict, context: dict):
-        terms = {"contrastive": losses.multi_layer_clip_loss(outputs["layers"], outputs["logit_scales"], mode)}
+        terms, logs = {"contrastive": thesis_objectives.contrastive_term(outputs, mode)}, {}
+        if k.itm.negatives != "off":
+            itm, logs["itm/acc"] = thesis_objectives.itm_term(outputs, k.itm.negatives, seed, context["step"])
+            terms["itm"] = k.itm.weight * itm
         target = context["targets"][k.target]
         image, text = outputs["image_head"], outputs["text_head"]
         if k.kind == "shre":
@@ -195,7 +199,7 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str):
             if bank is not None:
                 bank.push(teacher, distributed=mode)
         terms[f"kd_{k.kind}"] = k.weight * kd
-        return terms, {}
+        return terms, logs
     return knowledge_extraction
 
 
@@ -256,6 +260,7 @@ def teacher_targets_from_config(cfg: ExperimentConfig, model, data_root: Path, d
     sizes = target_sizes(names, cache=cache, teacher=teacher, image_size=cfg.data.image_size, device=device)
     if cfg.model.student is not None:
         _check_student_width(cfg, sizes)
+        thesis_objectives.attach_thesis_modules(model, d.knowledge)  # first: the momentum copy is of the bare student
         if d.knowledge.kind == "tcmli":  # g: 768 -> 32 in the thesis, shared by both sides
             model.attach_tcmli(torch.nn.Linear(cfg.model.student.out_dim, d.knowledge.tcmli_dim))
         if d.knowledge.kind == "ctl" and d.knowledge.bank_size:
