@@ -373,6 +373,10 @@ class TrainConfig(_Strict):
     progress: bool = True
     usd_per_device_hour: float | None = Field(None, ge=0, description="Price of one device hour: the run reports "
                                               "cost/usd (the thesis: RTX 4090 0.69 on demand).")
+    select_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Zero-shot task (e.g. "
+                                  "shape_color) whose top-1 on its val split, after each epoch, selects the epoch "
+                                  "kept in selected/ (the thesis); results then hold the test metrics of the last "
+                                  "epoch and, prefixed selected/, of the selected one.")
 
     @field_validator("betas")
     @classmethod
