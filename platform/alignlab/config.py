@@ -174,6 +174,9 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = False
     student: StudentConfig | None = Field(None, description="The thesis' shared-encoder student instead of the "
                                           "dual encoder's projections (embed_dim is then unused).")
+    projection: Literal["linear", "identity"] = Field(
+        "linear", description="Dual encoder: linear projections to embed_dim, or identity (the towers' own vectors, "
+        "of one width: the thesis' unaligned control, Table 10).")
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +196,13 @@ class ModelConfig(_Strict):
             image.pop("kwargs", None)  # another architecture: the preset's kwargs were written for its own
         fields = {"embed_dim": preset["embed_dim"], "image": image, "text": text, "tokenizer": tokenizer}
         return _deep_merge(fields, values)
+
+    @model_validator(mode="after")
+    def _projection_is_the_dual_encoders(self) -> "ModelConfig":
+        if self.projection != "linear" and self.student is not None:
+            raise ValueError(f"projection={self.projection} applies to the dual encoder, but model.student replaces "
+                             "its projections by the shared encoder: unset model.student or model.projection")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_matches_text_tower(self) -> "ModelConfig":
@@ -343,7 +353,8 @@ class DistillConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=0, description="0: no training; the model as built (pretrained towers) is saved and "
+                        "evaluated (the thesis' unaligned control).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(128, ge=2, description="Global batch size, split across ranks.")
     lr: float = Field(5e-4, gt=0)
@@ -377,6 +388,13 @@ class TrainConfig(_Strict):
                                   "shape_color) whose top-1 on its val split, after each epoch, selects the epoch "
                                   "kept in selected/ (the thesis); results then hold the test metrics of the last "
                                   "epoch and, prefixed selected/, of the selected one.")
+
+    @model_validator(mode="after")
+    def _no_steps_means_no_max_steps(self) -> "TrainConfig":
+        if self.epochs == 0 and self.max_steps is not None:
+            raise ValueError(f"epochs=0 evaluates the model untrained, but max_steps={self.max_steps} asks for "
+                             "training: unset max_steps or set epochs >= 1")
+        return self
 
     @field_validator("betas")
     @classmethod

@@ -120,7 +120,8 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
                             init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
     else:
         net = build_dual_encoder(embed_dim=model.embed_dim, image=image, text=text,
-                                 init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
+                                 init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale,
+                                 projection=model.projection)
     if t.kind == "hf" and tokenizer.vocab_size > net.text_tower.model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the text tower's embedding has "
                           f"{net.text_tower.model.config.vocab_size} rows: use the tower's own vocabulary "
