@@ -384,10 +384,21 @@ class TrainConfig(_Strict):
     progress: bool = True
     usd_per_device_hour: float | None = Field(None, ge=0, description="Price of one device hour: the run reports "
                                               "cost/usd (the thesis: RTX 4090 0.69 on demand).")
+    ranks: int | None = Field(None, ge=1, description="Processes (DDP ranks) this run trains with, so an arm can "
+                              "set it (thesis Tables 12-13: 1 vs 2); the pipeline launches that many through "
+                              "TorchX. null: as launched (pipeline nproc_per_node x nnodes, or torchrun).")
     select_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Zero-shot task (e.g. "
                                   "shape_color) whose top-1 on its val split, after each epoch, selects the epoch "
                                   "kept in selected/ (the thesis); results then hold the test metrics of the last "
                                   "epoch and, prefixed selected/, of the selected one.")
+
+    @model_validator(mode="after")
+    def _ranks_split_the_batch(self) -> "TrainConfig":
+        if self.ranks is not None and self.batch_size % self.ranks:
+            fit = self.batch_size // self.ranks * self.ranks or self.ranks
+            raise ValueError(f"batch_size={self.batch_size} is the global batch, split evenly over "
+                             f"ranks={self.ranks}: make batch_size a multiple of ranks (e.g. {fit})")
+        return self
 
     @model_validator(mode="after")
     def _no_steps_means_no_max_steps(self) -> "TrainConfig":

@@ -168,6 +168,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     ckpt_dir = run_dir / "checkpoints"
     dist = dist_info or init_distributed()
     tcfg = cfg.train
+    if tcfg.ranks is not None and tcfg.ranks != dist.world_size:
+        raise ConfigError(f"train.ranks={tcfg.ranks} but this run has {dist.world_size} process(es): run it with "
+                          f"`alignlab run` (a TorchX job of train.ranks processes) or torchrun --nproc_per_node "
+                          f"{tcfg.ranks}, or unset train.ranks")
     if dist.is_main:  # what a killed write left behind (a checkpoint's temporary file is as large as one)
         remove_partial_files(ckpt_dir)
         remove_partial_files(run_dir)
