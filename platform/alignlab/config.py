@@ -502,8 +502,6 @@ class ExperimentConfig(_Strict):
             if others:
                 raise ValueError(f"model.student trains with multi-layer InfoNCE and distill.knowledge only; "
                                  f"turn off {', '.join(others)}")
-            if self.train.accumulation_steps > 1:
-                raise ValueError("model.student does not support train.accumulation_steps > 1 yet: set it to 1")
         return self
 
 

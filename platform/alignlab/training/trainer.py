@@ -12,7 +12,10 @@ temporary files of a killed checkpoint write are removed on start.
 Gradient accumulation splits each rank's batch into micro-batches without changing the loss: features
 of all micro-batches are first computed without gradient, then each micro-batch is recomputed with
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
-still sees every negative of the full batch.
+still sees every negative of the full batch. That makes it exact for any loss of the batch's rows, batch
+statistics included (InfoNCE, CTL against the batch's and the bank's teacher vectors, the KD batch means),
+provided each row's output depends on its own input only (no BatchNorm, no dropout: the cached and the live
+pass would differ) and the loss's state changes once per step (`context["update_state"]`: the bank's push).
 
 Distillation (docs/methods.md "DiHT concept distillation") adds two things per batch: the teacher targets
 (`TeacherTargets`, from a cache joined
@@ -113,20 +116,34 @@ def forward_backward(model, loss_fn, images, tokens, context, *, accumulation: i
     with torch.no_grad(), autocast():
         cached = [model(im, tok) for im, tok in micro]
     sync = getattr(model, "no_sync", contextlib.nullcontext)
+    last = len(micro) - 1
     for j, (im, tok) in enumerate(micro):
-        with (contextlib.nullcontext() if j == len(micro) - 1 else sync()), autocast():
+        with (contextlib.nullcontext() if j == last else sync()), autocast():
             live = model(im, tok)
-            outputs = {  # features and distillation-head outputs: one row per pair
-                name: torch.cat([live[name] if i == j else c[name] for i, c in enumerate(cached)])
-                for name in live if name != "logit_scale"
-            }
-            # The logit scale must receive its gradient once, not once per micro-batch.
-            outputs["logit_scale"] = live["logit_scale"] if j == 0 else live["logit_scale"].detach()
-            terms, logs = loss_fn(outputs, context)
+            outputs = {name: _splice([live[name] if i == j else c[name] for i, c in enumerate(cached)])
+                       for name in live if name not in _ONCE}
+            # The logit scales must receive their gradient once, not once per micro-batch.
+            outputs |= {name: live[name] if j == 0 else live[name].detach() for name in _ONCE if name in live}
+            # A loss with state (the thesis' teacher memory bank) updates it once per optimizer step.
+            terms, logs = loss_fn(outputs, context | {"update_state": j == last})
         scaler.scale(sum(terms.values())).backward()
         if j == 0:
             first = _step_record(terms, logs, outputs | {"logit_scale": live["logit_scale"]})
     return first
+
+
+_ONCE = ("logit_scale", "logit_scales")  # model outputs that are parameters, not one row per pair
+
+
+def _splice(parts: list):
+    """One model output over the whole batch from its per-micro-batch parts: tensors (one row per pair) are
+    concatenated, lists and tuples of them (the thesis student's per-layer pairs) element by element; other
+    values (a memory bank module, None) are the same in every part."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], (list, tuple)):
+        return type(parts[0])(_splice(list(group)) for group in zip(*parts))
+    return parts[0]
 
 
 def _step_record(terms: dict, logs: dict, outputs: dict) -> dict:
