@@ -60,10 +60,10 @@ def test_malformed_override_and_missing_file():
 
 
 def test_cli_reports_bad_config_before_any_work(tmp_path, capsys):
-    code = main(["train", str(_write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "out")})), "train.epochs=0"])
+    code = main(["train", str(_write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "out")})), "train.epochs=-1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "train.epochs" in err and "greater than or equal to 1" in err
+    assert "train.epochs" in err and "greater than or equal to 0" in err
     assert not (tmp_path / "out").exists()
 
 

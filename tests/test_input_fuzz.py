@@ -27,7 +27,7 @@ OVERRIDES = [
     ("train.batch_size=1", "train.batch_size"), ("train.batch_size=2.5", "train.batch_size"),
     ("train.betas=[2, 3]", "train.betas"), ("train.betas=[0.9, 1.0]", "train.betas"),
     ("train.betas=[-0.1, 0.5]", "train.betas"), ("train.betas=[0.9]", "train.betas"), ("train.betas=x", "train.betas"),
-    ("train.epochs=0", "train.epochs"), ("train.epochs=many", "train.epochs"), ("train.precision=fp64", "train.precision"),
+    ("train.epochs=-1", "train.epochs"), ("train.epochs=many", "train.epochs"), ("train.precision=fp64", "train.precision"),
     ("train.warmup=-1", "train.warmup"), ("train.grad_clip=0", "train.grad_clip"),
     ("train.accumulation_steps=0", "train.accumulation_steps"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
     ("seed=-1", "seed"), ("seed=4294967296", "seed"), ("seed=99999999999999", "seed"), ("seed=1.5", "seed"),

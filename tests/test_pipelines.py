@@ -321,3 +321,63 @@ def test_two_arm_spec_end_to_end_on_the_kfp_local_runner(tmp_path, monkeypatch, 
     assert sorted(r["run_name"] for r in runs) == ["fast/seed-0", "slow/seed-0"]
     assert all(r["status"] == "FINISHED" and "retrieval/mean_R@1" in r["metrics"] for r in runs)
     assert all(r["tags"]["mlflow.parentRunId"] == parent[0]["run_id"] for r in runs)  # nested under it
+
+
+def test_thesis_ddp_arms_set_their_own_ranks():
+    """`ablations/thesis_ddp.yaml`: each arm carries its number of ranks in its config (the loop item), at
+    the same per-rank batch; the train step launches that many in place of the settings' nproc_per_node."""
+    from alignlab_components.steps import launch_for_run
+
+    spec, plans = load_spec(REPO / "ablations" / "thesis_ddp.yaml")
+    by_arm = {p.arm: p.config.train for p in plans}
+    assert {arm: (t.ranks, t.batch_size // t.ranks) for arm, t in by_arm.items()} == \
+        {"1-rank": (1, 128), "2-ranks": (2, 128)}
+    cluster = {"nproc_per_node": 2, "nnodes": 1, "scheduler": "kubernetes"}
+    one, two = (next(p.config for p in plans if p.arm == arm) for arm in ("1-rank", "2-ranks"))
+    assert launch_for_run(one, cluster, "1-rank") == cluster | {"nproc_per_node": 1}
+    assert launch_for_run(two, cluster | {"nproc_per_node": 8}, "2-ranks") == cluster
+    assert launch_for_run(two, cluster | {"nnodes": 2}, "2-ranks")["nproc_per_node"] == 1
+    three = two.model_copy(update={"train": two.train.model_copy(update={"ranks": 3, "batch_size": 384})})
+    with pytest.raises(ValueError, match="arm '2-ranks': train.ranks=3 does not split evenly over .*nnodes=2"):
+        launch_for_run(three, cluster | {"nnodes": 2}, "2-ranks")
+    with pytest.raises(ConfigError, match="train: .*batch_size=129 is the global batch, split evenly over ranks=2"):
+        validate_config(tiny_config_tree("data", "runs", ranks=2, batch_size=129))
+    from alignlab.training.trainer import train
+
+    with pytest.raises(ConfigError, match="train.ranks=2 but this run has 1 process.*torchrun --nproc_per_node 2"):
+        train(validate_config(tiny_config_tree("data", "runs", ranks=2)), "runs/x")  # refused before any work
+
+
+@pytest.mark.slow
+def test_a_two_rank_arm_runs_two_ranks_on_the_kfp_local_runner(tmp_path, monkeypatch, capsys):
+    """The 2-rank arm of `ablations/thesis_ddp.yaml` (at test size) through `alignlab run`: it trains as a TorchX
+    job of two processes (both ranks log, MLflow records world size 2, device hours count both ranks); the
+    inline runner refuses the spec before any work. (The 1-rank arm trains in the step's process, as every
+    other spec's runs: `launch_for_run` above.)"""
+    from alignlab.cli import main
+    from alignlab.tracking import find_runs
+
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((REPO / "ablations" / "thesis_ddp.yaml").read_text())
+    base = tiny_config_tree("data", "runs", max_steps=2, checkpoint_every=100)
+    base["data"]["synth"] = dict(SMALL_SYNTH)
+    base["eval"] = dict(SMALL_EVAL)
+    base["tracking"] = {"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    arm = shipped["arms"]["2-ranks"] | {"train.batch_size": 32}  # 16 per rank
+    spec = {"name": "ddp", "base": "base.yaml", "arms": {"2-ranks": arm}, "seeds": [0],
+            "report_metrics": ["retrieval/mean_R@1"]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+
+    assert main(["run", "spec.yaml", "--runner", "inline"]) == 2  # the CLI's one line for a config error
+    assert re.search(r"runs \['2-ranks/seed-0'\] set train.ranks > 1.*--runner kfp-local", capsys.readouterr().err)
+    assert not Path("runs").exists()
+    assert main(["run", "spec.yaml"]) == 0
+    runs = [r for r in find_runs(base["tracking"]["tracking_uri"], "ddp") if "alignlab.arm" in r["tags"]]
+    assert [(r["run_name"], r["status"], r["tags"]["alignlab.world_size"]) for r in runs] == \
+        [("2-ranks/seed-0", "FINISHED", "2")]
+    run_dir = Path("runs/ddp/2-ranks/seed-0")
+    logs = "".join(p.read_text() for p in (run_dir / "torchx" / "logs").rglob("stderr.log"))
+    assert re.search(r"^\[?0\]?:", logs, re.M) and re.search(r"^\[?1\]?:", logs, re.M)  # torchrun's rank prefixes
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["time/device_hours"] == pytest.approx(2 * results["train_seconds"] / 3600, rel=0.05)

@@ -47,7 +47,7 @@ def _spec(folder: Path, prepare: list, arms: dict | None = None, **base_train) -
     ([{"import": {"format": "tsv", "sources": ["a.tsv", "b.tsv"], "out": "o"}}],
      r"prepare\.0\.import: Value error, sources: format tsv reads exactly one TSV file"),
     ([{"synth": {"out": "s", "config": {"num_train": 0}}}], r"prepare\.0\.synth\.config\.num_train: Input should be"),
-    ([{"synth": {"out": "s"}}, {"train": {"run_dir": "r", "overrides": {"train.epochs": 0}}}],
+    ([{"synth": {"out": "s"}}, {"train": {"run_dir": "r", "overrides": {"train.epochs": -1}}}],
      r"prepare\.1\.train.*\n.*train\.epochs"),
 ])
 def test_invalid_prepare_entries_fail_naming_the_entry_and_field(tmp_path, prepare, message):

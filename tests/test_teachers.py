@@ -98,6 +98,44 @@ def test_hf_vit_teacher_from_local_save_pretrained(tmp_path, raw_images, classif
         torch.testing.assert_close(out["logits"], ref.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_hf_beit_with_a_shared_relative_position_bias_loads_exactly(tmp_path, raw_images):
+    """BEiT v2's layout (THESIS.md section 3: one relative position bias shared by all layers, LayerScale, no
+    absolute positions) through the `hf:` teacher path: every saved weight used, none missing, and the
+    embedding is the final layer's CLS before the last norm (the released code's pre-norm CLS)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BeitConfig, BeitImageProcessor, BeitModel
+
+    config = BeitConfig(use_shared_relative_position_bias=True, use_absolute_position_embeddings=False,
+                        layer_scale_init_value=0.1, use_mean_pooling=False, image_size=32, patch_size=8,
+                        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(2)
+    model = BeitModel(config).eval()
+    with torch.no_grad():  # a trained-looking bias: not the zeros it is initialised to
+        model.shared_position_bias.relative_position_bias_table.normal_()
+    model.save_pretrained(tmp_path / "beit")
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    BeitImageProcessor(image_mean=list(mean), image_std=list(std), size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "beit")
+
+    teacher = load_teacher(f"hf:{tmp_path / 'beit'}")
+    saved = load_file(tmp_path / "beit" / "model.safetensors")  # the hub's key layout, as BEiT checkpoints are
+    bias = "encoder.relative_position_bias.relative_position_bias_table"  # the one bias all layers share
+    assert len(saved) == len(teacher.backbone.model.state_dict()) and bias in saved
+    assert torch.equal(teacher.backbone.model.shared_position_bias.relative_position_bias_table, saved[bias])
+    assert teacher.target_names == ("embedding",) and teacher.image_size == 32
+    out = teacher(_normalise(raw_images, CLIP_MEAN, CLIP_STD), input_mean=CLIP_MEAN, input_std=CLIP_STD)
+    with torch.no_grad():
+        ref = model(pixel_values=_normalise(raw_images, mean, std), output_hidden_states=True)
+    torch.testing.assert_close(out["embedding"], ref.hidden_states[-1][:, 0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["embedding"], ref.last_hidden_state[:, 0], atol=1e-3)  # post-norm differs
+
+    # A file without the shared bias would load with a random one (transformers only logs it): refused.
+    del saved[bias]
+    save_file(saved, tmp_path / "beit" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not fit its config.json \\(missing_keys .*relative_position_bias_table"):
+        load_teacher(f"hf:{tmp_path / 'beit'}")
+
+
 def test_dual_encoder_checkpoint_image_tower(tmp_path, raw_images):
     from alignlab.config import validate_config
     from alignlab.models.presets import build_dual_encoder

@@ -80,9 +80,30 @@ def test_bad_student_settings_are_named(synth_root, tmp_path, teacher_file):
     del tree["model"]["student"]
     with pytest.raises(ConfigError, match="set model.student"):
         validate_config(tree)
-    tree = _tree(synth_root, tmp_path, teacher_file, {"kind": "shre"}, {"out_dim": 7}, accumulation_steps=2)
-    with pytest.raises(ConfigError, match="accumulation_steps"):
-        validate_config(tree)
+
+
+@pytest.mark.parametrize("kind,out_dim,shared,bank", [("shre", 7, "mlp", 0), ("ssmke", 24, "block", 0),
+                                                     ("ctl", 24, "mlp", 48)])
+def test_gradient_accumulation_matches_the_full_batch(kind, out_dim, shared, bank, synth_root, tmp_path,
+                                                       teacher_file):
+    """Micro-batches spliced into the full batch's outputs: the same losses, weights and bank as one pass,
+    because every loss still sees the whole batch (CTL's columns: the batch's teacher vectors and the bank's)
+    and the bank takes the batch's teacher vectors once per step."""
+    def run(accumulation: int):
+        knowledge = {"kind": kind, "bank_size": bank}
+        student = {"shared": shared, "out_dim": out_dim, "heads": 2, "tte": "after_ls"}
+        cfg = validate_config(_tree(synth_root, tmp_path, teacher_file, knowledge, student, max_steps=3,
+                                    accumulation_steps=accumulation))
+        return train(cfg, tmp_path / f"accum-{accumulation}")
+
+    plain, accum = run(1), run(4)
+    for a, b in zip(plain.history, accum.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a[f"loss/kd_{kind}"] == pytest.approx(b[f"loss/kd_{kind}"], rel=1e-5, abs=1e-6)
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), accum.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    if bank:
+        assert int(accum.model.bank.filled) == 48 and int(accum.model.bank.pointer) == (3 * 32) % 48
 
 
 def test_a_trained_student_goes_through_the_evaluation_suite(synth_root, tmp_path, teacher_file):

@@ -124,3 +124,5 @@ def test_bad_variant_settings_are_named(synth_root, tmp_path, teacher_file):
         _config(synth_root, tmp_path, teacher_file, {"kind": "off", "itm": {"negatives": "random"}})
     with pytest.raises(ConfigError, match="choose one"):
         _config(synth_root, tmp_path, teacher_file, {"student_bank_size": 8, "momentum": {"enabled": True}})
+    with pytest.raises(ConfigError, match="distill.knowledge.momentum needs it at 1"):  # EMA per micro-batch
+        _config(synth_root, tmp_path, teacher_file, {"momentum": {"enabled": True}}, accumulation_steps=2)

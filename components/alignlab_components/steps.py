@@ -91,7 +91,8 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     folder records `pipeline_run_id`) always continues from its newest checkpoint.
 
     `launch` (the pipeline settings' TorchX part): {"nproc_per_node", "nnodes", "scheduler", "scheduler_cfg",
-    "image", "cpu", "gpu", "memMB", "mounts"}. With more than one process in all, this step creates the MLflow
+    "image", "cpu", "gpu", "memMB", "mounts"}; the arm's `train.ranks`, when set, replaces nproc_per_node x
+    nnodes (`launch_for_run`). With more than one process in all, this step creates the MLflow
     run, then runs `alignlab train --train-only --mlflow-run-id ...` as a TorchX `dist.ddp` job (`local_cwd`:
     processes here; `kubernetes`: a Volcano job) and waits for it; otherwise it trains in this process.
     """
@@ -115,7 +116,7 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     if pipeline_run_id:
         resume = resume or (marker.is_file() and marker.read_text() == pipeline_run_id)
         marker.write_text(pipeline_run_id)
-    launch = dict(launch or {})
+    launch = launch_for_run(cfg, dict(launch or {}), arm)
     world_size = int(launch.get("nproc_per_node", 1)) * int(launch.get("nnodes", 1))
     tracker = start_run_tracking(cfg, run_dir, data_root, ablation=ablation, arm=arm, world_size=world_size,
                                  parent_run_id=parent_run_id or None)
@@ -131,6 +132,21 @@ def train_step(run: dict, ablation: str, *, resume: bool = False, pipeline_run_i
     return handoff | {"steps": trained.steps, "train_metrics": trained.metrics,
                       "tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri) if tracker else None,
                       "mlflow_run_id": tracker.run_id if tracker else None}
+
+
+def launch_for_run(cfg: ExperimentConfig, launch: dict, arm: str) -> dict:
+    """The pipeline's launch settings, with the arm's `train.ranks` (when set) in place of nproc_per_node x
+    nnodes: 1 trains in the step's process, more split evenly over the settings' nodes."""
+    ranks = cfg.train.ranks
+    if ranks is None:
+        return launch
+    if ranks == 1:
+        return launch | {"nproc_per_node": 1, "nnodes": 1}
+    nnodes = int(launch.get("nnodes", 1))
+    if ranks % nnodes:
+        raise ValueError(f"arm {arm!r}: train.ranks={ranks} does not split evenly over the pipeline's nnodes={nnodes}: "
+                         f"set train.ranks to a multiple of {nnodes} or change the pipeline settings' nnodes")
+    return launch | {"nproc_per_node": ranks // nnodes}
 
 
 def _train_with_torchx(cfg: ExperimentConfig, run_dir: Path, launch: dict, *, resume: bool, tracker):

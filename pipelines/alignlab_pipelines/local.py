@@ -120,7 +120,8 @@ def run_local(spec_path: str | Path, overrides: list[str] | None = None, *, resu
     console = TaskConsole(out_dir / "logs", verbose=verbose)
     print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "
              f"runs, on kfp's local runner; task logs in {console.log_dir}/")
-    pipeline = pipeline_for_plans(spec, plans, PipelineSettings())
+    # An arm with train.ranks > 1 trains as a TorchX job of processes on this machine.
+    pipeline = pipeline_for_plans(spec, plans, PipelineSettings(torchx_scheduler="local_cwd"))
     prepare_tracking_stores(plans)
     root = Path(pipeline_root or out_dir / "kfp-local").resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)

@@ -30,6 +30,10 @@ def run_ablation(spec_path: str | Path, overrides: list[str] | None = None, *, r
     from alignlab.console import TaskConsole
 
     spec, plans = load_spec(spec_path, overrides)
+    several = [plan.run_name for plan in plans if (plan.config.train.ranks or 1) > 1]
+    if several:
+        raise ConfigError(f"runs {several} set train.ranks > 1, which the inline runner (this one process) cannot "
+                          f"launch: run the spec with --runner kfp-local (a TorchX job per run)")
     roots = sorted({str(resolve_data_root(p.config.data)) for p in plans})
     console = TaskConsole(ablation_dir(plans) / "logs", verbose=verbose)
     print_fn(f"alignlab run {spec.name}: {len(spec.arm_overrides())} arms x {len(spec.seeds)} seeds = {len(plans)} "

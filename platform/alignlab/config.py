@@ -175,6 +175,9 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = False
     student: StudentConfig | None = Field(None, description="The thesis' shared-encoder student instead of the "
                                           "dual encoder's projections (embed_dim is then unused).")
+    projection: Literal["linear", "identity"] = Field(
+        "linear", description="Dual encoder: linear projections to embed_dim, or identity (the towers' own vectors, "
+        "of one width: the thesis' unaligned control, Table 10).")
 
     @model_validator(mode="before")
     @classmethod
@@ -194,6 +197,13 @@ class ModelConfig(_Strict):
             image.pop("kwargs", None)  # another architecture: the preset's kwargs were written for its own
         fields = {"embed_dim": preset["embed_dim"], "image": image, "text": text, "tokenizer": tokenizer}
         return _deep_merge(fields, values)
+
+    @model_validator(mode="after")
+    def _projection_is_the_dual_encoders(self) -> "ModelConfig":
+        if self.projection != "linear" and self.student is not None:
+            raise ValueError(f"projection={self.projection} applies to the dual encoder, but model.student replaces "
+                             "its projections by the shared encoder: unset model.student or model.projection")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_matches_text_tower(self) -> "ModelConfig":
@@ -387,7 +397,8 @@ class DistillConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=0, description="0: no training; the model as built (pretrained towers) is saved and "
+                        "evaluated (the thesis' unaligned control).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(128, ge=2, description="Global batch size, split across ranks.")
     lr: float = Field(5e-4, gt=0)
@@ -417,6 +428,28 @@ class TrainConfig(_Strict):
     progress: bool = True
     usd_per_device_hour: float | None = Field(None, ge=0, description="Price of one device hour: the run reports "
                                               "cost/usd (the thesis: RTX 4090 0.69 on demand).")
+    ranks: int | None = Field(None, ge=1, description="Processes (DDP ranks) this run trains with, so an arm can "
+                              "set it (thesis Tables 12-13: 1 vs 2); the pipeline launches that many through "
+                              "TorchX. null: as launched (pipeline nproc_per_node x nnodes, or torchrun).")
+    select_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Zero-shot task (e.g. "
+                                  "shape_color) whose top-1 on its val split, after each epoch, selects the epoch "
+                                  "kept in selected/ (the thesis); results then hold the test metrics of the last "
+                                  "epoch and, prefixed selected/, of the selected one.")
+
+    @model_validator(mode="after")
+    def _ranks_split_the_batch(self) -> "TrainConfig":
+        if self.ranks is not None and self.batch_size % self.ranks:
+            fit = self.batch_size // self.ranks * self.ranks or self.ranks
+            raise ValueError(f"batch_size={self.batch_size} is the global batch, split evenly over "
+                             f"ranks={self.ranks}: make batch_size a multiple of ranks (e.g. {fit})")
+        return self
+
+    @model_validator(mode="after")
+    def _no_steps_means_no_max_steps(self) -> "TrainConfig":
+        if self.epochs == 0 and self.max_steps is not None:
+            raise ValueError(f"epochs=0 evaluates the model untrained, but max_steps={self.max_steps} asks for "
+                             "training: unset max_steps or set epochs >= 1")
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -519,8 +552,14 @@ class ExperimentConfig(_Strict):
             if others:
                 raise ValueError(f"model.student trains with multi-layer InfoNCE and distill.knowledge only; "
                                  f"turn off {', '.join(others)}")
-            if self.train.accumulation_steps > 1:
-                raise ValueError("model.student does not support train.accumulation_steps > 1 yet: set it to 1")
+            k = self.distill.knowledge
+            per_step = [name for name, on in (("distill.knowledge.momentum", k.momentum.enabled),
+                                              ("distill.knowledge.student_bank_size", k.student_bank_size > 0),
+                                              ("distill.knowledge.itm", k.itm.negatives != "off"),
+                                              ("distill.knowledge.kind=tcmli", kd == "tcmli")) if on]
+            if per_step and self.train.accumulation_steps > 1:  # EMA, queues and negatives would move per micro-batch
+                raise ValueError(f"train.accumulation_steps > 1 is exact for SHRe, S-SMKE and CTL only; "
+                                 f"{per_step[0]} needs it at 1")
             if kd == "tcmli" and student.shared != "block":
                 raise ValueError("distill.knowledge.kind=tcmli regresses token sequences: set model.student.shared=block")
             if kd == "tcmli" and self.distill.cache is not None:

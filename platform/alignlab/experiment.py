@@ -70,6 +70,29 @@ def evaluate_trained_model(cfg: ExperimentConfig, model, tokenizer, out_dir: Pat
     return metrics
 
 
+def val_zero_shot_scorer(cfg: ExperimentConfig):
+    """`train.select_by`'s score, a function of the model: zero-shot top-1 of that task on its val split
+    (`alignlab.training.selection`). The tokenizer is built at the first call, on the rank that scores."""
+    from alignlab.evaluate.suite import zero_shot_split
+    from alignlab.training import builders
+
+    task = cfg.train.select_by
+    data_root = resolve_data_root(cfg.data)
+    folder = local_eval_root(data_root) / "classification" / task
+    if not (folder / "val").is_dir():
+        raise ConfigError(f"train.select_by={task} scores each epoch on {folder / 'val'}, which does not exist: "
+                          f"pick a task with a val split (SynthCaps: shape, color, shape_color) or unset it")
+    _, transform = builders.transforms_from_config(cfg.data)
+    built = []
+
+    def score(model) -> float:
+        if not built:
+            built.append(builders.tokenizer_from_config(cfg.model, cfg.data, data_root))
+        device = next(model.parameters()).device
+        return zero_shot_split(model, built[0], transform, folder, cfg.eval.batch_size, device, split="val")["top1"]
+    return score
+
+
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: str | None = None,
                         few_shot: bool = False) -> dict:
     """Run the evaluation suite on a saved checkpoint (final.pt or checkpoints/step-*.pt), on a GPU if any.
@@ -166,10 +189,12 @@ def train_run(cfg: ExperimentConfig, run_dir: Path, *, tracker: RunTracker | Non
         tracker.set_tags({TAG_CONFIG_CHANGED: f"step {step}: " + ", ".join(str(c) for c in changes)})
         tracker.log_artifact(run_dir / CONFIG_HISTORY_FILE)
 
+    score_epoch = val_zero_shot_scorer(cfg) if cfg.train.select_by and dist.is_main else None  # rank 0 scores
     tic = time.perf_counter()
     result = train(cfg, run_dir, resume=resume, allow_config_change=allow_config_change,
                    on_metrics=tracker.log_metrics if tracker else None,
-                   on_config_change=tag_config_change if tracker else None, dist_info=dist)
+                   on_config_change=tag_config_change if tracker else None, dist_info=dist,
+                   score_epoch=score_epoch)
     metrics = summarise_history([{k: v for k, v in h.items() if k not in ("step", "epoch")} for h in result.history])
     metrics["train_seconds"] = time.perf_counter() - tic
     metrics.update(cost_figures([h["step_time"] for h in result.history if "step_time" in h], metrics["train_seconds"],
@@ -207,6 +232,7 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
             raise FileNotFoundError(f"nothing to evaluate in {run_dir}: training left no final.pt "
                                     f"(did the train step finish?)")
         evaluation = {k: v for k, v in suite.items() if isinstance(v, (int, float))}
+        evaluation |= _selected_evaluation(cfg, run_dir)
     metrics = trained.metrics | evaluation
     (run_dir / "results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if tracker:
@@ -216,6 +242,19 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, trained: TrainOutcome, *,
             tracker.log_artifact(run_dir / "eval", artifact_path="eval")
         tracker.end("FINISHED")
     return metrics
+
+
+def _selected_evaluation(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """`train.select_by`: the suite on the selected epoch's weights, as `selected/<metric>` next to the last
+    epoch's own keys, and `selected/epoch` ({} without a selection)."""
+    from alignlab.training.selection import selected_checkpoint
+
+    path = selected_checkpoint(run_dir) if cfg.train.select_by else None
+    if path is None:
+        return {}
+    suite = evaluate_checkpoint(path, run_dir / "eval-selected")
+    epoch = int(path.stem.removeprefix("epoch-"))
+    return {f"selected/{k}": v for k, v in suite.items() if isinstance(v, (int, float))} | {"selected/epoch": epoch}
 
 
 def failure_reason(err: BaseException) -> str:

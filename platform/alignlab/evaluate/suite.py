@@ -77,8 +77,10 @@ def _retrieval_parts(model, tokenizer, image_transform, folder: Path, out_dir: P
     return results
 
 
-def _zero_shot(model, tokenizer, image_transform, root: Path, batch_size, device) -> dict[str, float]:
-    paths, labels, classnames, templates = load_class_folders(root, "test")
+def zero_shot_split(model, tokenizer, image_transform, root: Path, batch_size: int, device,
+                    split: str = "test") -> dict[str, float]:
+    """Zero-shot metrics of one task folder (classification/<task>) on `split`; "val" selects checkpoints."""
+    paths, labels, classnames, templates = load_class_folders(root, split)
     classifier = zero_shot_classifier(model.encode_text, tokenizer, classnames, templates, device=device)
     images = encode_images(model, paths, image_transform, batch_size, device)
     return zero_shot_metrics(images, classifier.cpu(), labels)
@@ -147,7 +149,7 @@ def evaluate_model(model, tokenizer, image_transform, data_root, out_dir, batch_
 
     def zero_shot_on(root: Path) -> dict[str, float]:
         if str(root) not in zero_shot_cache:
-            zero_shot_cache[str(root)] = _zero_shot(model, tokenizer, image_transform, root, batch_size, device)
+            zero_shot_cache[str(root)] = zero_shot_split(model, tokenizer, image_transform, root, batch_size, device)
         return zero_shot_cache[str(root)]
 
     was_training = model.training

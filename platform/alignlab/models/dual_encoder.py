@@ -69,6 +69,7 @@ class DualEncoder(TowerPair):
         embed_dim: int,
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
+        projection: str = "linear",
     ):
         super().__init__()
         if not 0 < init_logit_scale <= max_logit_scale:
@@ -77,13 +78,23 @@ class DualEncoder(TowerPair):
             )
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.embed_dim = embed_dim
         self.max_logit_scale = max_logit_scale
-        self.image_proj = nn.Linear(image_tower.num_features, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_tower.num_features, embed_dim, bias=False)
-        # CLIP's projection init: std = input width^-0.5, so projected features start at unit scale.
-        nn.init.normal_(self.image_proj.weight, std=image_tower.num_features**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=text_tower.num_features**-0.5)
+        if projection == "identity":  # the towers' own vectors, compared by cosine (the unaligned control)
+            if image_tower.num_features != text_tower.num_features:
+                raise ValueError(f"model.projection=identity compares the towers' own vectors, but their widths "
+                                 f"differ (image {image_tower.num_features}, text {text_tower.num_features}): "
+                                 f"give both towers one width or use model.projection=linear")
+            embed_dim = image_tower.num_features
+            self.image_proj, self.text_proj = nn.Identity(), nn.Identity()
+        elif projection == "linear":
+            self.image_proj = nn.Linear(image_tower.num_features, embed_dim, bias=False)
+            self.text_proj = nn.Linear(text_tower.num_features, embed_dim, bias=False)
+            # CLIP's projection init: std = input width^-0.5, so projected features start at unit scale.
+            nn.init.normal_(self.image_proj.weight, std=image_tower.num_features**-0.5)
+            nn.init.normal_(self.text_proj.weight, std=text_tower.num_features**-0.5)
+        else:
+            raise ValueError(f"projection={projection!r} is not one of ('linear', 'identity')")
+        self.embed_dim = embed_dim
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.heads = nn.ModuleDict()
 

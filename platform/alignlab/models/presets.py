@@ -48,6 +48,7 @@ def build_dual_encoder(
     text: dict[str, Any],
     init_logit_scale: float = 1 / 0.07,
     max_logit_scale: float = 100.0,
+    projection: str = "linear",
 ) -> DualEncoder:
     """image = {"name": timm name, "pretrained": False | True | path, "kwargs": {...}};
     text = {"kind": "clip", <TextTransformer fields>} or {"kind": "hf", "source": ..., "pool": ...}."""
@@ -57,6 +58,7 @@ def build_dual_encoder(
         embed_dim,
         init_logit_scale=init_logit_scale,
         max_logit_scale=max_logit_scale,
+        projection=projection,
     )
 
 

@@ -248,7 +248,16 @@ def _hf_teacher(directory: Path, *, source: str, mean, std, image_size) -> Teach
                                 "save_pretrained (hub names are not downloaded: save the model locally first)")
     config = AutoConfig.from_pretrained(directory)
     is_classifier = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-    model = (AutoModelForImageClassification if is_classifier else AutoModel).from_pretrained(directory)
+    model, loading = (AutoModelForImageClassification if is_classifier else AutoModel).from_pretrained(
+        directory, output_loading_info=True)
+    # transformers initialises what the files lack at random and drops what it does not know, with a log
+    # line; a teacher must be exactly what was saved (as the timm path's strict load).
+    unfit = {kind: sorted(map(str, loading.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                          "mismatched_keys")}
+    if any(unfit.values()):
+        found = "; ".join(f"{kind} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for kind, keys in unfit.items() if keys)
+        raise ValueError(f"teacher {source}: the weights in {directory} do not fit its config.json ({found}): save "
+                         f"the model and its config together with save_pretrained")
     processor_file = directory / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
     if (mean is None or std is None) and not processor:

@@ -121,7 +121,8 @@ def model_from_config(model: ModelConfig, tokenizer) -> torch.nn.Module:
                             init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
     else:
         net = build_dual_encoder(embed_dim=model.embed_dim, image=image, text=text,
-                                 init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale)
+                                 init_logit_scale=model.init_logit_scale, max_logit_scale=model.max_logit_scale,
+                                 projection=model.projection)
     if t.kind == "hf" and tokenizer.vocab_size > net.text_tower.model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the text tower's embedding has "
                           f"{net.text_tower.model.config.vocab_size} rows: use the tower's own vocabulary "
@@ -172,7 +173,12 @@ def loss_from_config(loss: LossConfig, world_size: int, seed: int, distill: Dist
 
 def _knowledge_extraction(k: KnowledgeConfig, mode: str, seed: int = 0):
     """The thesis' objective: weight x L_KD + multi-layer InfoNCE (docs/methods.md, "Thesis methods"). CTL
-    pushes the batch's teacher vectors into the model's bank after using it (Eq 84-85)."""
+    pushes the batch's teacher vectors into the model's bank after using it (Eq 84-85).
+
+    InfoNCE and CTL are not sums over micro-batches (every row's softmax runs over the batch's columns), so
+    gradient accumulation is exact only because the trainer hands this function the whole batch's outputs
+    (micro-batches spliced in, `trainer.forward_backward`); the bank is pushed in the step's last call only
+    (`context["update_state"]`), so every micro-batch sees the same negatives."""
     ctl_scale = 1 / 0.07 if k.ctl_temperature == "fixed" else 1.0
 
     def knowledge_extraction(outputs: dict, context: dict):
@@ -196,7 +202,7 @@ def _knowledge_extraction(k: KnowledgeConfig, mode: str, seed: int = 0):
             teacher, bank = F.normalize(target, dim=-1), outputs.get("bank")
             kd = losses.ctl_kd_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), teacher, ctl_scale,
                                     bank=None if bank is None else bank.negatives(), distributed=mode)
-            if bank is not None:
+            if bank is not None and context.get("update_state", True):  # once per step under accumulation
                 bank.push(teacher, distributed=mode)
         terms[f"kd_{k.kind}"] = k.weight * kd
         return terms, logs

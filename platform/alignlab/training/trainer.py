@@ -12,7 +12,10 @@ temporary files of a killed checkpoint write are removed on start.
 Gradient accumulation splits each rank's batch into micro-batches without changing the loss: features
 of all micro-batches are first computed without gradient, then each micro-batch is recomputed with
 gradient and spliced into that cached set (as open_clip's `accum_freq`), so the contrastive loss
-still sees every negative of the full batch.
+still sees every negative of the full batch. That makes it exact for any loss of the batch's rows, batch
+statistics included (InfoNCE, CTL against the batch's and the bank's teacher vectors, the KD batch means),
+provided each row's output depends on its own input only (no BatchNorm, no dropout: the cached and the live
+pass would differ) and the loss's state changes once per step (`context["update_state"]`: the bank's push).
 
 Distillation (docs/methods.md "DiHT concept distillation") adds two things per batch: the teacher targets
 (`TeacherTargets`, from a cache joined
@@ -55,6 +58,7 @@ from alignlab.training.distributed import DistInfo, all_reduce_mean, barrier, co
 from alignlab.training.guard import DivergenceGuard
 from alignlab.training.prometheus_exporter import training_exporter
 from alignlab.training.optim import build_optimizer, build_scheduler, warmup_steps_for
+from alignlab.training.selection import EpochSelector, Scorer
 from alignlab.training.resume import (
     CONFIG_HISTORY_FILE,
     ConfigChange,
@@ -112,20 +116,34 @@ def forward_backward(model, loss_fn, images, tokens, context, *, accumulation: i
     with torch.no_grad(), autocast():
         cached = [model(im, tok) for im, tok in micro]
     sync = getattr(model, "no_sync", contextlib.nullcontext)
+    last = len(micro) - 1
     for j, (im, tok) in enumerate(micro):
-        with (contextlib.nullcontext() if j == len(micro) - 1 else sync()), autocast():
+        with (contextlib.nullcontext() if j == last else sync()), autocast():
             live = model(im, tok)
-            outputs = {  # features and distillation-head outputs: one row per pair
-                name: torch.cat([live[name] if i == j else c[name] for i, c in enumerate(cached)])
-                for name in live if name != "logit_scale"
-            }
-            # The logit scale must receive its gradient once, not once per micro-batch.
-            outputs["logit_scale"] = live["logit_scale"] if j == 0 else live["logit_scale"].detach()
-            terms, logs = loss_fn(outputs, context)
+            outputs = {name: _splice([live[name] if i == j else c[name] for i, c in enumerate(cached)])
+                       for name in live if name not in _ONCE}
+            # The logit scales must receive their gradient once, not once per micro-batch.
+            outputs |= {name: live[name] if j == 0 else live[name].detach() for name in _ONCE if name in live}
+            # A loss with state (the thesis' teacher memory bank) updates it once per optimizer step.
+            terms, logs = loss_fn(outputs, context | {"update_state": j == last})
         scaler.scale(sum(terms.values())).backward()
         if j == 0:
             first = _step_record(terms, logs, outputs | {"logit_scale": live["logit_scale"]})
     return first
+
+
+_ONCE = ("logit_scale", "logit_scales")  # model outputs that are parameters, not one row per pair
+
+
+def _splice(parts: list):
+    """One model output over the whole batch from its per-micro-batch parts: tensors (one row per pair) are
+    concatenated, lists and tuples of them (the thesis student's per-layer pairs) element by element; other
+    values (a memory bank module, None) are the same in every part."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], (list, tuple)):
+        return type(parts[0])(_splice(list(group)) for group in zip(*parts))
+    return parts[0]
 
 
 def _step_record(terms: dict, logs: dict, outputs: dict) -> dict:
@@ -156,17 +174,23 @@ def duplicate_fraction(tokens: torch.Tensor) -> float:
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, allow_config_change: bool = False,
           on_metrics: MetricsCallback | None = None, on_config_change: ConfigChangeCallback | None = None,
-          dist_info: DistInfo | None = None) -> TrainerOutput:
+          dist_info: DistInfo | None = None, score_epoch: Scorer | None = None) -> TrainerOutput:
     """Train `cfg` into `run_dir` (config.yaml, metrics.jsonl, checkpoints/, final.pt).
 
     `resume`: continue from the newest checkpoint (from scratch when there is none); a config that differs
     from the checkpoint's is refused unless `allow_config_change` (then recorded in config_history.jsonl and
     passed to `on_config_change(step, changes)`). Raises DivergenceError on a non-finite
-    loss or gradient norm (after `train.skip_nonfinite_steps` skipped ones), with nothing non-finite saved."""
+    loss or gradient norm (after `train.skip_nonfinite_steps` skipped ones), with nothing non-finite saved.
+    `score_epoch(model)`: the validation score of `train.select_by` (`training/selection.py`), given by the
+    caller because training does not import evaluation (`alignlab.experiment.val_zero_shot_scorer`)."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     dist = dist_info or init_distributed()
     tcfg = cfg.train
+    if tcfg.ranks is not None and tcfg.ranks != dist.world_size:
+        raise ConfigError(f"train.ranks={tcfg.ranks} but this run has {dist.world_size} process(es): run it with "
+                          f"`alignlab run` (a TorchX job of train.ranks processes) or torchrun --nproc_per_node "
+                          f"{tcfg.ranks}, or unset train.ranks")
     if dist.is_main:  # what a killed write left behind (a checkpoint's temporary file is as large as one)
         remove_partial_files(ckpt_dir)
         remove_partial_files(run_dir)
@@ -205,6 +229,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "amp_fp16")
     loss_fn = (task_builders.task_loss_from_config(cfg)
                or builders.loss_from_config(cfg.loss, dist.world_size, cfg.seed, cfg.distill))
+    selector = None
+    if tcfg.select_by is not None:
+        if score_epoch is None and dist.is_main:  # only the main rank scores
+            raise ConfigError(f"train.select_by={tcfg.select_by} scores every epoch on the val split, which train() "
+                              f"needs from its caller: pass score_epoch (alignlab.experiment.val_zero_shot_scorer)")
+        selector = EpochSelector(run_dir, f"val/zeroshot/{tcfg.select_by}/top1", score_epoch, is_main=dist.is_main)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     history, changes = [], []
@@ -219,6 +249,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if selector:
+            selector.restore(state.get("selection"))
         if changes:  # lr, weight decay, betas per group and the schedule now follow the new config
             for group, new in zip(optimizer.param_groups, new_groups):
                 group.update(new)
@@ -242,6 +274,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                   f"({', '.join(p.name for p in stale)})")
         if resume:
             print(f"[alignlab] no checkpoint in {ckpt_dir}: starting from step 0")
+    if selector and step == 0:  # a fresh start: an earlier run's selected weights go
+        selector.restore(None)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dump_yaml(redact(config_to_dict(cfg))), run_dir / "config.yaml")
@@ -265,7 +299,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "config": redact(config_to_dict(cfg))}
+                 "config": redact(config_to_dict(cfg))} | ({"selection": selector.state_dict()} if selector else {})
         return save_checkpoint(ckpt_dir, at_step, state, tcfg.keep_checkpoints) if dist.is_main else None
 
     # ---- train ---------------------------------------------------------------------------------
@@ -315,7 +349,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
             raw_model.clamp_logit_scale_()
             step += 1
             batch_in_epoch += 1
-            if batch_in_epoch == steps_per_epoch:
+            epoch_ended = batch_in_epoch == steps_per_epoch
+            if epoch_ended:
                 epoch, batch_in_epoch = epoch + 1, 0
 
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
@@ -330,9 +365,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 record |= dict(zip(tensors, means))
             record |= {k: float(v) for k, v in stats.items() if not isinstance(v, torch.Tensor)}
             record |= {"step_time": time.perf_counter() - step_start, "time/data_wait": data_wait}  # after the sync
+            if selector and epoch_ended:  # after step_time: the validation is not part of a step's cost
+                record |= selector.epoch_end(raw_model, epoch, step, lambda: {
+                    "model": raw_model.state_dict(), "config": redact(config_to_dict(cfg))})
             history.append(record)
             metrics_file.append(record)
-            if step % tcfg.log_every == 0 or step == total_steps:
+            if step % tcfg.log_every == 0 or step == total_steps or (selector and epoch_ended):
                 guard.check(terms_at)
                 if on_metrics:
                     on_metrics({k: v for k, v in record.items() if k != "step"}, step)
@@ -340,8 +378,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
                 exporter.observe(record, data_wait_s=data_wait)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
-            if step % tcfg.checkpoint_every == 0 and step < total_steps:
-                save(step)
+            if (step % tcfg.checkpoint_every == 0 or (selector and epoch_ended)) and step < total_steps:
+                save(step)  # after a selection: its state and file are settled together (selection.py)
+                if selector:
+                    selector.commit()
             if step >= total_steps:
                 break
             step_start = time.perf_counter()
@@ -353,6 +393,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
     # ---- save ------------------------------------------------------------------------------------
     final = None
     save(step)  # every rank: the divergence check before it is collective
+    if selector:
+        selector.commit()
+        if selector.best is None and dist.is_main:
+            print(f"[alignlab] train.select_by={tcfg.select_by}: no epoch ended within {step} steps, nothing selected")
     if dist.is_main:
         final = atomic_torch_save({"model": raw_model.state_dict(), "config": redact(config_to_dict(cfg)),
                                    "step": step}, run_dir / "final.pt")
