@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from dist_utils import run_on_gloo_ranks
 
-from alignlab.losses import clip_loss, hn_nce_loss, psd_loss, psd_loss_terms
+from alignlab.losses import clip_loss, hn_nce_loss, psd_loss, psd_loss_terms, psd_target_diagnostics
 
 MASKS = {"all": [True] * 6, "none": [False] * 6, "random": [True, False, False, True, True, False]}
 
@@ -371,3 +371,36 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
                 torch.testing.assert_close(rank_text_grad / WORLD_SIZE, text_grad[shard], rtol=0, atol=1e-10)
             scale_grads = [result[mode][name][3] for result in ranks]
             torch.testing.assert_close(sum(scale_grads) / WORLD_SIZE, scale_grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["swapped", "forward"])
+def test_psd_target_diagnostics_match_a_loop_over_rows(prediction):
+    """Diagonal mass and normalised entropy of A_v, A_t on the unaligned rows, written out row by row in fp64."""
+    torch.manual_seed(0)
+    v, t = F.normalize(torch.randn(6, 5), dim=-1), F.normalize(torch.randn(6, 5), dim=-1)
+    mask = torch.tensor(MASKS["random"])
+    got = psd_target_diagnostics(v, t, mask, teacher_temperature=0.2, prediction=prediction)
+    v64, t64 = v.double(), t.double()
+    diag, entropy = [], []
+    for i in range(6):
+        if mask[i]:
+            continue
+        for queries, keys in ((t64, v64), (v64, t64)) if prediction == "swapped" else ((v64, t64), (t64, v64)):
+            row = torch.softmax(queries[i] @ keys.T / 0.2, dim=0)
+            diag.append(row[i])
+            entropy.append(-(row * row.log()).sum() / math.log(6))
+    assert got["psd/target_diag_mass"].item() == pytest.approx(torch.stack(diag).mean().item(), rel=1e-5)
+    assert got["psd/target_entropy"].item() == pytest.approx(torch.stack(entropy).mean().item(), rel=1e-5)
+
+
+def test_psd_target_diagnostics_tell_uniform_from_hard_targets():
+    same = F.normalize(torch.ones(8, 4), dim=-1)  # collapsed features: every target row is uniform
+    collapsed = psd_target_diagnostics(same, same, torch.zeros(8, dtype=torch.bool))
+    assert collapsed["psd/target_diag_mass"].item() == pytest.approx(1 / 8)
+    assert collapsed["psd/target_entropy"].item() == pytest.approx(1.0)
+    eye = torch.eye(8)  # perfectly aligned, orthogonal pairs at a sharp temperature: one-hot targets
+    aligned = psd_target_diagnostics(eye, eye, torch.zeros(8, dtype=torch.bool), teacher_temperature=0.01)
+    assert aligned["psd/target_diag_mass"].item() == pytest.approx(1.0, abs=1e-6)
+    assert aligned["psd/target_entropy"].item() == pytest.approx(0.0, abs=1e-4)
+    every_row_aligned = psd_target_diagnostics(eye, eye, torch.ones(8, dtype=torch.bool))
+    assert (every_row_aligned["psd/target_diag_mass"].item(), every_row_aligned["psd/target_entropy"].item()) == (1, 0)

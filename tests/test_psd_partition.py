@@ -78,3 +78,6 @@ def test_psd_training_logs_its_alpha_schedule_and_aligned_fraction(synth_root, t
     assert [h["psd/aligned_fraction"] for h in history] == pytest.approx(
         [math.floor(a * 32) / 32 for a in (0.8, 0.65, 0.5, 0.35, 0.2)])
     assert all(math.isfinite(h["loss"]) for h in history)
+    for key in ("psd/target_diag_mass", "psd/target_entropy"):  # the targets' informativeness, every step
+        assert all(0 < h[key] <= 1 for h in history), key
+

@@ -28,7 +28,7 @@ from alignlab.losses.late_interaction import tcmli_loss
 from alignlab.losses.layer_average import layer_averaged_kd_loss, layer_averaged_target
 from alignlab.losses.memory_bank import FeatureQueue, TeacherMemoryBank
 from alignlab.losses.vq import image_vq_loss
-from alignlab.losses.psd import psd_loss, psd_loss_terms
+from alignlab.losses.psd import psd_loss, psd_loss_terms, psd_target_diagnostics
 from alignlab.losses.queued import momentum_clip_loss, queued_infonce, student_bank_clip_loss
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "multi_layer_clip_loss",
     "psd_loss",
     "psd_loss_terms",
+    "psd_target_diagnostics",
     "queued_infonce",
     "sample_itm_negatives",
     "shre_kd_loss",

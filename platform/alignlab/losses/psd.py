@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -88,6 +90,29 @@ def psd_loss_terms(
         aligned_weights, unaligned_weights, batch.positive_columns(), 1 / teacher_temperature,
         prediction == "swapped", alpha < 1, detach_targets,
     )
+
+
+@torch.no_grad()
+def psd_target_diagnostics(image_features: torch.Tensor, text_features: torch.Tensor, aligned_mask: torch.Tensor,
+                           teacher_temperature: float = 0.1, prediction: str = "swapped") -> dict[str, torch.Tensor]:
+    """How informative PSD's self-distilled targets are, on this rank's unaligned rows against this rank's
+    columns (a diagnostic, not the loss): `psd/target_diag_mass`, the mean probability the targets A_v, A_t give
+    a row's own pair (1/n for uniform targets, 1 for the hard label), and `psd/target_entropy`, their mean
+    entropy over ln n (1: uniform, 0: one-hot). Targets near uniform early in training turn the unaligned part
+    into a pull towards indifference, which is where PSD from a random initialisation can lose to CLIP.
+    With no unaligned row every target is a hard label: mass 1, entropy 0."""
+    v, t = image_features.float(), text_features.float()
+    first, second = (t @ v.T, v @ t.T) if prediction == "swapped" else (v @ t.T, t @ v.T)
+    unaligned = ~aligned_mask.cpu()  # the partition is drawn on the host: no device sync to test it
+    n = v.shape[0]
+    if not bool(unaligned.any()) or n < 2:
+        return {"psd/target_diag_mass": v.new_tensor(1.0), "psd/target_entropy": v.new_tensor(0.0)}
+    rows = unaligned.to(v.device)
+    targets = torch.stack([first, second]).div(teacher_temperature).softmax(dim=-1)[:, rows]  # [2, u, n]
+    own = torch.arange(n, device=v.device)[rows]
+    diag = targets.gather(-1, own.view(1, -1, 1).expand(2, -1, 1))
+    entropy = -(targets * targets.clamp_min(1e-30).log()).sum(-1) / math.log(n)
+    return {"psd/target_diag_mass": diag.mean(), "psd/target_entropy": entropy.mean()}
 
 
 class _FusedPSD(torch.autograd.Function):

@@ -243,7 +243,10 @@ def _contrastive_loss(loss: LossConfig, mode: str, seed: int, distill: DistillCo
         value = losses.psd_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], alpha,
                          mask.to(outputs["image_features"].device), teacher_temperature=p.teacher_temperature,
                          prediction=p.prediction, detach_targets=p.detach_targets, distributed=mode)
-        return {"psd": value}, {"psd/alpha": alpha, "psd/aligned_fraction": float(mask.float().mean())}
+        diagnostics = losses.psd_target_diagnostics(outputs["image_features"].detach(),
+                                                    outputs["text_features"].detach(), mask,
+                                                    p.teacher_temperature, p.prediction)
+        return {"psd": value}, {"psd/alpha": alpha, "psd/aligned_fraction": float(mask.float().mean()), **diagnostics}
     return progressive_self_distillation
 
 
