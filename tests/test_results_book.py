@@ -78,7 +78,7 @@ def test_paper_claims_name_existing_arms():
         AblationSpec(**(SPEC | {"paper": SPEC["paper"] | {"claims": [{"claim": "x", "arm": "nope", "metric": "m"}]}}))
 
 
-@pytest.mark.parametrize("name", ["demo", "psd", "noise_sweep", "hn_nce", "diht", "cat", "thesis_shre_mlp", "thesis_ddp"])
+@pytest.mark.parametrize("name", ["demo", "benchmark", "psd", "noise_sweep", "hn_nce", "diht", "cat", "thesis_shre_mlp", "thesis_ddp"])
 def test_every_book_spec_has_a_paper_block(name):
     spec, _ = load_spec(REPO / "ablations" / f"{name}.yaml")
     assert spec.paper is not None and spec.paper.claims
