@@ -22,6 +22,17 @@ def test_alpha_schedules_match_their_formulas():
         assert alpha_at(step, total, "constant", 0.5, 0.2) == 0.5
     assert alpha_at(0, total, "cosine", 0.8, 0.2) == pytest.approx(0.8)
     assert alpha_at(100, total, "cosine", 0.8, 0.2) == pytest.approx(0.2)
+
+
+def test_alpha_hold_trains_infonce_first_then_runs_the_whole_schedule():
+    """loss.psd.alpha_hold = 0.25 of 101 steps: alpha = 1 for steps 0-24, then cosine 0.8 -> 0.2 over steps
+    25-100, as the unheld schedule runs over 76 steps."""
+    assert [alpha_at(step, 101, "cosine", 0.8, 0.2, hold=0.25) for step in (0, 24)] == [1.0, 1.0]
+    for step in (25, 50, 100):
+        assert alpha_at(step, 101, "cosine", 0.8, 0.2, hold=0.25) == pytest.approx(
+            alpha_at(step - 25, 76, "cosine", 0.8, 0.2))
+    assert alpha_at(25, 101, "cosine", 0.8, 0.2, hold=0.25) == pytest.approx(0.8)
+    assert alpha_at(100, 101, "cosine", 0.8, 0.2, hold=0.25) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="unknown alpha schedule"):
         alpha_at(0, 10, "exponential", 0.8, 0.2)
 

@@ -230,6 +230,9 @@ class PSDConfig(_Strict):
     alpha_start: float = Field(0.8, ge=0, le=1, description="alpha at the first step (the constant value if constant).")
     alpha_end: float = Field(0.2, ge=0, le=1)
     teacher_temperature: float = Field(0.1, gt=0)
+    alpha_hold: float = Field(0.0, ge=0, lt=1, description="Deviation (0 = the paper): train plain InfoNCE "
+                              "(alpha = 1) for this fraction of the steps, then run the alpha schedule over the rest, "
+                              "so that distillation starts from features that have left the uniform state.")
     detach_targets: bool = Field(True, description="Stop-gradient through the self-distilled soft targets.")
 
 

@@ -238,7 +238,8 @@ def _contrastive_loss(loss: LossConfig, mode: str, seed: int, distill: DistillCo
     p = loss.psd
 
     def progressive_self_distillation(outputs: dict, context: dict):
-        alpha = alpha_at(context["step"], context["total_steps"], p.alpha_schedule, p.alpha_start, p.alpha_end)
+        alpha = alpha_at(context["step"], context["total_steps"], p.alpha_schedule, p.alpha_start, p.alpha_end,
+                         hold=p.alpha_hold)
         mask = aligned_mask(context["indices"], alpha, seed=seed, epoch=context["epoch"], partition=p.partition)
         value = losses.psd_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], alpha,
                          mask.to(outputs["image_features"].device), teacher_temperature=p.teacher_temperature,

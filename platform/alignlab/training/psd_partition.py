@@ -22,8 +22,17 @@ import torch.distributed as dist
 _MASK64 = (1 << 64) - 1
 
 
-def alpha_at(step: int, total_steps: int, schedule: str, start: float, end: float) -> float:
-    """alpha after `step` of `total_steps` optimizer steps: cosine or linear from start to end, or constant."""
+def alpha_at(step: int, total_steps: int, schedule: str, start: float, end: float, hold: float = 0.0) -> float:
+    """alpha after `step` of `total_steps` optimizer steps: cosine or linear from start to end, or constant.
+
+    `hold` (the named deviation `loss.psd.alpha_hold`; 0 is the paper): alpha = 1, plain InfoNCE, for the
+    first `hold` fraction of the steps, and the schedule runs over the rest. From a random initialisation the
+    self-distilled targets are uniform (the features have not separated yet) and pull the student towards
+    collapse; holding off distillation until the model has left ln N avoids that (docs/methods.md "PSD")."""
+    held = math.floor(hold * total_steps)
+    if step < held:
+        return 1.0
+    step, total_steps = step - held, total_steps - held
     if schedule == "constant":
         return start
     progress = min(1.0, step / max(1, total_steps - 1))
