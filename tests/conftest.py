@@ -54,3 +54,54 @@ def tiny_config_tree(data_root, output_dir, **train) -> dict:
         "eval": {"enabled": False},
         "tracking": {"enabled": False},
     }
+
+
+# A frozen ViT teacher for the thesis' knowledge-extraction tests (7 logits, CLS width 24), saved once.
+KD_TEACHER_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2}
+# A 4-block ViT (width 24, no head) for the layer-averaged distillation, VQ and classifier tests.
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 24, "num_heads": 2}
+
+
+def _saved_vit(folder, num_classes: int, kwargs: dict):
+    import timm
+
+    torch.manual_seed(0)
+    path = folder / "teacher.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **kwargs).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    return _saved_vit(tmp_path_factory.mktemp("teacher"), 7, KD_TEACHER_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def vit_teacher(tmp_path_factory):
+    return _saved_vit(tmp_path_factory.mktemp("vit"), 0, TINY_VIT)
+
+
+class Crash(RuntimeError):
+    """Raised from `on_metrics` to stop a training run as a crash would."""
+
+
+def crash_and_resume(cfg, tmp_path, at: int = 4, keys: tuple[str, ...] = ("step", "loss")):
+    """Train `cfg` uninterrupted, then again with a crash after step `at` and `--resume`; assert both give the
+    same history (`keys` of every row) and the same state dict, bit for bit. Returns (full, resumed)."""
+    from alignlab.training.trainer import train
+
+    full = train(cfg, tmp_path / "full")
+
+    def crash(metrics, step):
+        if step == at:
+            raise Crash(f"simulated crash at step {at}")
+
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed", on_metrics=crash)
+    resumed = train(cfg, tmp_path / "resumed", resume=True)
+    assert [tuple(h[k] for k in keys) for h in resumed.history] == [tuple(h[k] for k in keys) for h in full.history]
+    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    for name, value in full_state.items():
+        assert torch.equal(value, resumed_state[name]), name
+    return full, resumed

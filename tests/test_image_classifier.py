@@ -12,12 +12,13 @@ from alignlab.evaluate.image_classifier import PatchMeanClassifier
 from alignlab.experiment import evaluate_checkpoint
 from alignlab.task_config import ImageClassifierConfig
 from alignlab.training.trainer import train
-from test_unimodal_kd import VIT, image_tree, vit_teacher  # noqa: F401  (the fixture)
+from conftest import TINY_VIT
+from test_unimodal_kd import image_tree
 
 
 def test_the_head_reads_the_mean_of_the_patch_tokens_and_lr_decays_by_layer():
     torch.manual_seed(0)
-    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, **VIT)
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT)
     model = PatchMeanClassifier(encoder, 5).eval()
     images = torch.randn(2, 3, 32, 32)
     tokens = encoder.forward_features(images)
@@ -34,7 +35,7 @@ def test_the_head_reads_the_mean_of_the_patch_tokens_and_lr_decays_by_layer():
     assert scale[id(named["head.weight"])] == scale[id(named["norm.weight"])] == 1.0
 
 
-def test_probe_and_finetune_evaluate_a_distilled_tower(synth_root, tmp_path, vit_teacher):  # noqa: F811
+def test_probe_and_finetune_evaluate_a_distilled_tower(synth_root, tmp_path, vit_teacher):
     tree = image_tree(synth_root, tmp_path, vit_teacher, max_steps=2)
     small = {"epochs": 2, "batch_size": 32, "lr": 1e-3, "task": "shape"}
     tree["eval"] = {"enabled": True, "batch_size": 64, "image_classifier": small | {"protocol": "probe"}}

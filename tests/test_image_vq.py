@@ -15,12 +15,7 @@ from alignlab.losses import image_vq_loss
 from alignlab.models.image_vq import CosineCodebook, codebook_usage
 from alignlab.training.task_builders import task_model_from_config
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
-from test_unimodal_kd import VIT, vit_teacher  # noqa: F401  (the fixture)
-
-
-class Crash(RuntimeError):
-    pass
+from conftest import TINY_VIT, crash_and_resume, tiny_config_tree
 
 
 def test_the_codebook_picks_by_cosine_passes_gradients_straight_through_and_moves_by_ema():
@@ -64,36 +59,22 @@ def test_the_vq_loss_and_usage_follow_their_definitions():
 
 def vq_tree(synth_root, tmp_path, teacher, **train_kwargs) -> dict:
     tree = tiny_config_tree(synth_root, tmp_path, **train_kwargs)
-    tree["vq"] = {"teacher": str(teacher), "teacher_arch": "timm:vit_tiny_patch16_224", "teacher_kwargs": VIT,
+    tree["vq"] = {"teacher": str(teacher), "teacher_arch": "timm:vit_tiny_patch16_224", "teacher_kwargs": TINY_VIT,
                   "codebook_size": 16, "code_dim": 4, "patch_size": 8, "decoder_heads": 2}
     return tree
 
 
-def test_vq_trains_logs_usage_and_resumes_bit_for_bit(synth_root, tmp_path, vit_teacher):  # noqa: F811
+def test_vq_trains_logs_usage_and_resumes_bit_for_bit(synth_root, tmp_path, vit_teacher):
     cfg = validate_config(vq_tree(synth_root, tmp_path, vit_teacher, max_steps=6))
-    full = train(cfg, tmp_path / "full")
+    full, _ = crash_and_resume(cfg, tmp_path, keys=("step", "loss", "vq/perplexity"))
     last = full.history[-1]
     assert {"loss/vq_reconstruction", "loss/vq_commitment", "vq/perplexity", "vq/usage"} <= set(last)
     assert 1.0 <= last["vq/perplexity"] <= 16 and 0 < last["vq/usage"] <= 1
-    start = validate_config(vq_tree(synth_root, tmp_path, vit_teacher, max_steps=6))
-    fresh = task_model_from_config(start)
+    assert {"codebook.codes", "codebook.code_sum", "codebook.cluster_size"} <= set(full.model.state_dict())
+    fresh = task_model_from_config(cfg)
     assert not torch.equal(fresh.codebook.code_sum, full.model.codebook.code_sum)  # the EMA moved the codes
 
-    def crash_at_step_4(metrics, step):
-        if step == 4:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_step_4)
-    resumed = train(cfg, tmp_path / "resumed", resume=True)
-    assert [(h["step"], h["loss"], h["vq/perplexity"]) for h in resumed.history] == \
-        [(h["step"], h["loss"], h["vq/perplexity"]) for h in full.history]
-    state, again = full.model.state_dict(), resumed.model.state_dict()
-    assert {"codebook.codes", "codebook.code_sum", "codebook.cluster_size"} <= set(state)
-    assert all(torch.equal(state[name], again[name]) for name in state)
-
-
-def test_a_vq_run_evaluates_val_loss_and_codebook_usage(synth_root, tmp_path, vit_teacher):  # noqa: F811
+def test_a_vq_run_evaluates_val_loss_and_codebook_usage(synth_root, tmp_path, vit_teacher):
     from alignlab.experiment import evaluate_checkpoint
 
     train(validate_config(vq_tree(synth_root, tmp_path, vit_teacher, max_steps=2)), tmp_path / "run")
@@ -105,7 +86,7 @@ def test_a_vq_run_evaluates_val_loss_and_codebook_usage(synth_root, tmp_path, vi
     assert again == metrics  # fixed val masks: one number per checkpoint
 
 
-def test_bad_vq_settings_are_named(synth_root, tmp_path, vit_teacher):  # noqa: F811
+def test_bad_vq_settings_are_named(synth_root, tmp_path, vit_teacher):
     tree = vq_tree(synth_root, tmp_path, vit_teacher)
     for field, value in (("codebook_size", 1), ("decay", 1.0), ("mask_ratio", 1.0)):
         with pytest.raises(ConfigError, match=f"vq.{field}"):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from alignlab.config import ConfigError, validate_config
 from alignlab.losses import tcmli_loss
 from alignlab.training.trainer import train
-from test_thesis_training import TEACHER_KWARGS, _tree, teacher_file  # noqa: F401  (the fixture)
+from test_thesis_training import _tree
 
 
 def reference(image, text, keep, teacher, weight, normalized: bool) -> tuple[float, float]:
@@ -67,7 +66,7 @@ def test_only_the_literal_form_lets_g_learn_from_the_teacher_side():
         tcmli_loss(image[:, :3], text, keep, teacher, g)
 
 
-def test_tcmli_trains_the_block_student_and_logs_both_terms(synth_root, tmp_path, teacher_file):  # noqa: F811
+def test_tcmli_trains_the_block_student_and_logs_both_terms(synth_root, tmp_path, teacher_file):
     tree = _tree(synth_root, tmp_path, teacher_file, {"kind": "tcmli", "tcmli_dim": 8},
                  {"shared": "block", "out_dim": 24, "heads": 2}, max_steps=3)
     result = train(validate_config(tree), tmp_path / "run")
@@ -79,7 +78,7 @@ def test_tcmli_trains_the_block_student_and_logs_both_terms(synth_root, tmp_path
     assert out["text_keep"].tolist() == [[False, True, True, False, False, False]]
 
 
-def test_bad_tcmli_settings_are_named(synth_root, tmp_path, teacher_file):  # noqa: F811
+def test_bad_tcmli_settings_are_named(synth_root, tmp_path, teacher_file):
     tree = _tree(synth_root, tmp_path, teacher_file, {"kind": "tcmli"}, {"shared": "mlp", "out_dim": 24})
     with pytest.raises(ConfigError, match="set model.student.shared=block"):
         validate_config(tree)

@@ -5,34 +5,18 @@ student evaluates like any model, and a width mismatch is named."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from alignlab.config import ConfigError, validate_config
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
-
-TEACHER_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2}
-
-
-class Crash(RuntimeError):
-    pass
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=7, **TEACHER_KWARGS).state_dict(), path)
-    return path
-
+from conftest import KD_TEACHER_KWARGS, crash_and_resume, tiny_config_tree
 
 def _tree(synth_root, tmp_path, teacher_file, knowledge: dict, student: dict, **train_kwargs):
     tree = tiny_config_tree(synth_root, tmp_path, **train_kwargs)
     tree["model"]["image"]["kwargs"]["embed_dim"] = 32  # the shared encoder needs towers of one width
     tree["model"]["student"] = student
     tree["distill"] = {"teacher": str(teacher_file), "teacher_arch": "timm:vit_tiny_patch16_224",
-                       "teacher_kwargs": TEACHER_KWARGS, "knowledge": knowledge}
+                       "teacher_kwargs": KD_TEACHER_KWARGS, "knowledge": knowledge}
     return tree
 
 
@@ -54,21 +38,9 @@ def test_each_kd_kind_trains_and_logs_its_terms(kind, out_dim, shared, synth_roo
 def test_ctl_bank_fills_and_resumes_exactly(synth_root, tmp_path, teacher_file):
     tree = _tree(synth_root, tmp_path, teacher_file, {"kind": "ctl", "bank_size": 48},
                  {"shared": "mlp", "out_dim": 24}, max_steps=6)
-    cfg = validate_config(tree)
-    full = train(cfg, tmp_path / "full")
+    full, _ = crash_and_resume(validate_config(tree), tmp_path)
     bank = full.model.bank
     assert int(bank.filled) == 48 and int(bank.pointer) == (6 * 32) % 48  # 6 batches of 32 through 48 slots
-
-    def crash_at_step_4(metrics, step):
-        if step == 4:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_step_4)
-    resumed = train(cfg, tmp_path / "resumed", resume=True)
-    assert [(h["step"], h["loss"]) for h in resumed.history] == [(h["step"], h["loss"]) for h in full.history]
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), name
 
 
 def test_bad_student_settings_are_named(synth_root, tmp_path, teacher_file):

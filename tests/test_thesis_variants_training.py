@@ -8,27 +8,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 
 from alignlab.config import ConfigError, validate_config
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
-
-TEACHER_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2}
-
-
-class Crash(RuntimeError):
-    pass
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=7, **TEACHER_KWARGS).state_dict(), path)
-    return path
-
+from conftest import KD_TEACHER_KWARGS, crash_and_resume, tiny_config_tree
 
 def _config(synth_root, tmp_path, teacher_file, knowledge: dict, **train_kwargs):
     tree = tiny_config_tree(synth_root, tmp_path, **train_kwargs)
@@ -36,32 +20,14 @@ def _config(synth_root, tmp_path, teacher_file, knowledge: dict, **train_kwargs)
     tree["model"]["text"].update(pool="first", causal=False)  # the block reads token 0: it must see the caption
     tree["model"]["student"] = {"shared": "block", "out_dim": 24, "heads": 2, "tte": "after_ls"}
     tree["distill"] = {"teacher": str(teacher_file), "teacher_arch": "timm:vit_tiny_patch16_224",
-                       "teacher_kwargs": TEACHER_KWARGS, "knowledge": {"kind": "ssmke", **knowledge}}
+                       "teacher_kwargs": KD_TEACHER_KWARGS, "knowledge": {"kind": "ssmke", **knowledge}}
     return validate_config(tree)
-
-
-def _crash_and_resume(cfg, tmp_path):
-    full = train(cfg, tmp_path / "full")
-
-    def crash_at_step_4(metrics, step):
-        if step == 4:
-            raise Crash("simulated crash")
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_step_4)
-    resumed = train(cfg, tmp_path / "resumed", resume=True)
-    assert [(h["step"], h["loss"]) for h in resumed.history] == [(h["step"], h["loss"]) for h in full.history]
-    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
-    assert full_state.keys() == resumed_state.keys()
-    for name, value in full_state.items():
-        assert torch.equal(value, resumed_state[name]), name
-    return full
 
 
 def test_momentum_encoder_queue_and_itm_train_and_resume_exactly(synth_root, tmp_path, teacher_file):
     cfg = _config(synth_root, tmp_path, teacher_file, {"momentum": {"enabled": True, "m": 0.9, "queue_size": 80},
                                                        "itm": {"negatives": "hard", "dim": 8}}, max_steps=6)
-    full = _crash_and_resume(cfg, tmp_path)
+    full, _ = crash_and_resume(cfg, tmp_path)
     model = full.model
     encoder = model.momentum_encoder
     assert int(encoder.text_queue.filled) == 80 and int(encoder.text_queue.pointer) == (6 * 32) % 80
@@ -80,7 +46,7 @@ def test_momentum_encoder_queue_and_itm_train_and_resume_exactly(synth_root, tmp
 
 def test_student_memory_bank_fills_per_layer_and_resumes_exactly(synth_root, tmp_path, teacher_file):
     cfg = _config(synth_root, tmp_path, teacher_file, {"student_bank_size": 96}, max_steps=6)
-    model = _crash_and_resume(cfg, tmp_path).model
+    model = crash_and_resume(cfg, tmp_path)[0].model
     assert set(model.student_bank) == {"h1_image", "h1_text", "h2_image", "h2_text"}
     assert model.student_bank["h1_image"].queue.shape == (96, 128)  # h' is the block's FFN width, 4 x 32
     assert all(int(bank.filled) == 96 for bank in model.student_bank.values())

@@ -5,7 +5,6 @@ written from the equation, the text options, and the image-only and text-only tr
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -13,9 +12,8 @@ from alignlab.config import ConfigError, validate_config
 from alignlab.losses import layer_averaged_kd_loss, layer_averaged_target
 from alignlab.training.task_builders import task_model_from_config
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
+from conftest import TINY_VIT, tiny_config_tree
 
-VIT = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 24, "num_heads": 2}
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "right", "of", "the", "photo", "small",
          "large", "and", "above", "below", "next", "to", "yellow", "purple", "star", "cross", "big"]
 
@@ -66,19 +64,11 @@ def test_the_kd_loss_leaves_pad_tokens_out():
     assert layer_averaged_kd_loss(prediction, target).item() == pytest.approx((1 + 4 + 10000) / 3)
 
 
-@pytest.fixture(scope="module")
-def vit_teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vit") / "teacher.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, **VIT).state_dict(), path)
-    return path
-
-
 def image_tree(synth_root, tmp_path, teacher, **train_kwargs) -> dict:
     tree = tiny_config_tree(synth_root, tmp_path, **train_kwargs)
-    tree["model"]["image"] = {"name": "vit_tiny_patch16_224", "kwargs": VIT, "pretrained": str(teacher), "blocks": 2}
+    tree["model"]["image"] = {"name": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "pretrained": str(teacher), "blocks": 2}
     tree["unimodal"] = {"modality": "image", "teacher": str(teacher), "teacher_arch": "timm:vit_tiny_patch16_224",
-                        "teacher_kwargs": VIT}
+                        "teacher_kwargs": TINY_VIT}
     return tree
 
 
@@ -145,6 +135,6 @@ def test_bad_unimodal_settings_are_named(synth_root, tmp_path, vit_teacher):
     with pytest.raises(ConfigError, match="eval.image_classifier.protocol"):
         validate_config(tree | {"eval": {"image_classifier": {"protocol": "linear"}}})
     narrow = image_tree(synth_root, tmp_path, vit_teacher)
-    narrow["model"]["image"] = {"name": "vit_tiny_patch16_224", "kwargs": VIT | {"embed_dim": 16}}
+    narrow["model"]["image"] = {"name": "vit_tiny_patch16_224", "kwargs": TINY_VIT | {"embed_dim": 16}}
     with pytest.raises(ValueError, match="give the student the teacher's width"):
         train(validate_config(narrow | {"train": narrow["train"] | {"max_steps": 1}}), tmp_path / "narrow")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignlab.config_types import AdamBetas, CropScale
 from alignlab.data.skips import DEFAULT_MAX_CAPTION_BYTES
 from alignlab.data.synth import SynthCapsConfig
 from alignlab.task_config import ImageClassifierConfig, ImageVQConfig, UnimodalKDConfig
@@ -54,7 +55,7 @@ class DataConfig(_Strict):
     train: str = Field("train", description="Training shards (dir, glob or brace pattern) or file, relative to root.")
     synth: SynthCapsConfig | None = Field(None, description="If set, SynthCaps is generated into root first.")
     image_size: int = Field(64, ge=8)
-    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_scale: CropScale = (0.9, 1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0)
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="Stop the run when more than this fraction "
@@ -62,12 +63,6 @@ class DataConfig(_Strict):
     max_caption_bytes: int = Field(DEFAULT_MAX_CAPTION_BYTES, ge=1, description="Captions longer than this (UTF-8 bytes) are skipped "
                                    "as caption_too_long: a document or blob stored as a caption.")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _check_crop(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < value[0] <= value[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(value)}")
-        return value
 
 
 class TokenizerConfig(_Strict):
@@ -406,7 +401,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=2, description="Global batch size, split across ranks.")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1).")
+    betas: AdamBetas = Field((0.9, 0.98), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-6, gt=0)
     warmup: float = Field(0.05, ge=0, description="Warm-up: a fraction of all steps if < 1, else a step count.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -454,12 +449,6 @@ class TrainConfig(_Strict):
                              "training: unset max_steps or set epochs >= 1")
         return self
 
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in value):
-            raise ValueError(f"each beta must be in [0, 1), got {list(value)} (AdamW's usual: [0.9, 0.98])")
-        return value
 
 
 class EvalConfig(_Strict):

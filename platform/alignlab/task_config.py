@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from alignlab.config_types import AdamBetas, CropScale
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -68,10 +70,10 @@ class ImageClassifierConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     layer_decay: float = Field(0.81, gt=0, le=1, description="finetune: lr scale per layer below the head.")
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: AdamBetas = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="Warm-up fraction of all steps, then cosine.")
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: CropScale = (0.08, 1.0)
     mixup: float = Field(0.8, ge=0, description="Mixup alpha; 0 with cutmix 0: no mixing.")
     cutmix: float = Field(1.0, ge=0, description="CutMix alpha.")
     mix_prob: float = Field(0.9, ge=0, le=1)
@@ -81,19 +83,7 @@ class ImageClassifierConfig(_Strict):
                                      "default); null: none.")
     erase: float = Field(0.25, ge=0, le=1, description="Random-erasing probability.")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _check_crop(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < value[0] <= value[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(value)}")
-        return value
 
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in value):
-            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
-        return value
 
     @field_validator("rand_augment")
     @classmethod

@@ -101,15 +101,15 @@ def psd_target_diagnostics(image_features: torch.Tensor, text_features: torch.Te
     entropy over ln n (1: uniform, 0: one-hot). Targets near uniform early in training turn the unaligned part
     into a pull towards indifference, which is where PSD from a random initialisation can lose to CLIP.
     With no unaligned row every target is a hard label: mass 1, entropy 0."""
-    v, t = image_features.float(), text_features.float()
-    first, second = (t @ v.T, v @ t.T) if prediction == "swapped" else (v @ t.T, t @ v.T)
+    sims = image_features.float() @ text_features.float().T  # V T^T; T V^T is its transpose
+    first, second = (sims.T, sims) if prediction == "swapped" else (sims, sims.T)
     unaligned = ~aligned_mask.cpu()  # the partition is drawn on the host: no device sync to test it
-    n = v.shape[0]
+    n = sims.shape[0]
     if not bool(unaligned.any()) or n < 2:
-        return {"psd/target_diag_mass": v.new_tensor(1.0), "psd/target_entropy": v.new_tensor(0.0)}
-    rows = unaligned.to(v.device)
-    targets = torch.stack([first, second]).div(teacher_temperature).softmax(dim=-1)[:, rows]  # [2, u, n]
-    own = torch.arange(n, device=v.device)[rows]
+        return {"psd/target_diag_mass": sims.new_tensor(1.0), "psd/target_entropy": sims.new_tensor(0.0)}
+    rows = unaligned.to(sims.device)
+    targets = torch.stack([first[rows], second[rows]]).div(teacher_temperature).softmax(dim=-1)  # [2, u, n]
+    own = torch.arange(n, device=sims.device)[rows]
     diag = targets.gather(-1, own.view(1, -1, 1).expand(2, -1, 1))
     entropy = -(targets * targets.clamp_min(1e-30).log()).sum(-1) / math.log(n)
     return {"psd/target_diag_mass": diag.mean(), "psd/target_entropy": entropy.mean()}
