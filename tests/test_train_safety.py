@@ -221,14 +221,15 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(synth_root, t
     with pytest.raises(Crash):
         train(cfg, tmp_path / "run", on_metrics=crash_at(5))
     before = (tmp_path / "run" / "config.yaml").read_text()
-    changed = config(synth_root, tmp_path, ["train.lr=0.002", "train.max_steps=10", "data.num_workers=1"],
+    changed = config(synth_root, tmp_path, ["train.lr=0.002", "train.max_steps=10", "data.num_workers=1",
+                                                      "train.threads=1"],
                      checkpoint_every=2)
     with pytest.raises(ConfigError) as err:
         train(changed, tmp_path / "run", resume=True)
     message = str(err.value)
     assert "\n" not in message and "step-00000004.pt" in message and "--allow-config-change" in message
     assert "train.lr 0.001 -> 0.002" in message and "train.max_steps 8 -> 10" in message
-    assert "num_workers" not in message  # a free field: it does not change what is computed
+    assert "num_workers" not in message and "threads" not in message  # free fields: the same computation
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # the record still says what was trained
 
 

@@ -20,7 +20,7 @@ from alignlab.redaction import redact
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 
 # Fields that say where and how visibly a run goes, not what it computes: free to change on resume.
-FREE_FIELDS = ("name", "output_dir", "data.num_workers", "train.progress", "train.log_every",
+FREE_FIELDS = ("name", "output_dir", "data.num_workers", "train.threads", "train.progress", "train.log_every",
                "train.checkpoint_every", "train.keep_checkpoints", "eval", "tracking")
 
 
