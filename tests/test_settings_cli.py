@@ -93,3 +93,15 @@ def test_a_plugin_that_cannot_be_imported_leaves_the_other_commands_working(monk
     err = capsys.readouterr().err
     assert "the 'ghost' commands (alignlab_no_such_package.cli:register) are unavailable" in err
     assert parser.parse_args(["config", "schema"]).config_command == "schema"
+
+
+def test_overrides_after_an_option_still_reach_the_command(monkeypatch, capsys):
+    import alignlab.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_run", lambda args: seen.append(args) or 0)
+    assert cli_main(["run", "spec.yaml", "seeds=[0]", "--resume", "train.threads=1", "seeds=[1]"]) == 0
+    assert seen[0].resume and seen[0].overrides == ["seeds=[0]", "train.threads=1", "seeds=[1]"]  # order kept
+    with pytest.raises(SystemExit):
+        cli_main(["run", "spec.yaml", "--resume", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
