@@ -63,6 +63,14 @@ def test_fewer_than_three_seeds_is_preliminary():
     assert len(verdicts) == 5 and all(v.endswith("(preliminary)") for v in verdicts.values())
 
 
+def test_one_seed_shows_the_difference_without_an_interval_or_a_significance_mark():
+    spec = AblationSpec(**(SPEC | {"seeds": [0]}))
+    page, _ = book_page(spec, _records({"base": [50], "better": [57.5], "worse": [40], "same": [50],
+                                        "absent": [50]}), command="c", recipe="r")
+    row = next(line for line in page.splitlines() if line.startswith("| better | 1 |"))
+    assert "(Δ +7.5, no test possible)" in row and "n.s." not in row and "[n/a" not in row
+
+
 def test_no_runs_yet_and_the_index(tmp_path):
     spec = AblationSpec(**SPEC)
     page, status = book_page(spec, [], command="c", recipe="r")

@@ -76,8 +76,11 @@ def _measured_cell(table: ReportTable, arm: str, metric: str) -> str:
         return "not run"
     text = f"{_fmt(cell['mean'])} ± {_fmt(cell['std'])}"
     if arm != table.baseline and not math.isnan(cell["delta"]):
-        mark = "" if cell.get("significant") else " n.s."
-        text += f" (Δ {cell['delta']:+.1f} [{_fmt(cell['ci_low'])}, {_fmt(cell['ci_high'])}]{mark})"
+        if math.isnan(cell["ci_low"]):  # e.g. one seed on a side: a difference, no interval
+            text += f" (Δ {cell['delta']:+.1f}, no test possible)"
+        else:
+            mark = "" if cell.get("significant") else " n.s."
+            text += f" (Δ {cell['delta']:+.1f} [{_fmt(cell['ci_low'])}, {_fmt(cell['ci_high'])}]{mark})"
     return text
 
 
