@@ -85,19 +85,22 @@ class Crash(RuntimeError):
     """Raised from `on_metrics` to stop a training run as a crash would."""
 
 
+def crash_at(at: int, message: str = "simulated crash"):
+    """An `on_metrics` callback that raises `Crash` once step `at` is logged."""
+    def on_metrics(metrics, step):
+        if step == at:
+            raise Crash(f"{message} at step {at}")
+    return on_metrics
+
+
 def crash_and_resume(cfg, tmp_path, at: int = 4, keys: tuple[str, ...] = ("step", "loss")):
     """Train `cfg` uninterrupted, then again with a crash after step `at` and `--resume`; assert both give the
     same history (`keys` of every row) and the same state dict, bit for bit. Returns (full, resumed)."""
     from alignlab.training.trainer import train
 
     full = train(cfg, tmp_path / "full")
-
-    def crash(metrics, step):
-        if step == at:
-            raise Crash(f"simulated crash at step {at}")
-
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash)
+        train(cfg, tmp_path / "resumed", on_metrics=crash_at(at))
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert [tuple(h[k] for k in keys) for h in resumed.history] == [tuple(h[k] for k in keys) for h in full.history]
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()

@@ -15,15 +15,11 @@ from alignlab.experiment import run_experiment, val_zero_shot_scorer
 from alignlab.training.checkpoint import load_checkpoint
 from alignlab.training.selection import SELECTED_DIR, EpochSelector, selected_checkpoint, selected_files
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
+from conftest import Crash, crash_at, tiny_config_tree
 
 METRIC = "val/zeroshot/shape/top1"
 EVAL = {"enabled": True, "batch_size": 64, "zeroshot_tasks": ["shape"], "linear_probe_task": None, "shifts": [],
         "histogram": False}
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def _cfg(synth_root, tmp_path, **train):
@@ -88,13 +84,8 @@ def test_a_kill_between_selection_and_checkpoint_resumes_to_the_same_selection(s
     cfg = _cfg(synth_root, tmp_path, checkpoint_every=5)
     score = val_zero_shot_scorer(cfg)
     full = train(cfg, tmp_path / "full", score_epoch=score)
-
-    def crash_at_16(metrics, step):
-        if step == 16:
-            raise Crash("simulated kill")
-
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_16, score_epoch=score)
+        train(cfg, tmp_path / "resumed", on_metrics=crash_at(16, "simulated kill"), score_epoch=score)
     resumed = train(cfg, tmp_path / "resumed", resume=True, score_epoch=score)
     assert [(h["step"], h["loss"], h.get(METRIC)) for h in resumed.history] == \
         [(h["step"], h["loss"], h.get(METRIC)) for h in full.history]

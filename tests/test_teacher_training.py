@@ -19,17 +19,13 @@ from alignlab.teachers.registry import Teacher, TimmBackbone
 from alignlab.training import builders
 from alignlab.training.checkpoint import list_checkpoints
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
+from conftest import Crash, crash_at, tiny_config_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER = "vit_tiny_patch16_224"
 TOWER_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}  # tiny_config_tree's
 CONCEPTS = {"objects": ["circle", "square", "triangle", "star", "cross", "ring"],
             "attributes": ["red", "green", "blue", "small", "large"]}
-
-
-class Crash(RuntimeError):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -239,13 +235,8 @@ def test_ft_delay_switches_at_the_set_step_and_resumes_exactly_across_it(synth_r
     step = torch.load(list_checkpoints(tmp_path / "full" / "checkpoints")[-1][1], weights_only=True)
     lrs = {g["name"]: g["initial_lr"] for g in step["optimizer"]["param_groups"]}
     assert lrs["image_tower/decay"] == pytest.approx(0.01 * lrs["decay"])
-
-    def crash_at_step_3(metrics, at_step):
-        if at_step == 3:
-            raise Crash("simulated crash before the switch")
-
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_step_3)
+        train(cfg, tmp_path / "resumed", on_metrics=crash_at(3, "simulated crash before the switch"))
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [2]
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert [(h["step"], h["loss"]) for h in resumed.history] == [(h["step"], h["loss"]) for h in full.history]

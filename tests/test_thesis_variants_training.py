@@ -14,6 +14,7 @@ from alignlab.config import ConfigError, validate_config
 from alignlab.training.trainer import train
 from conftest import KD_TEACHER_KWARGS, crash_and_resume, tiny_config_tree
 
+
 def _config(synth_root, tmp_path, teacher_file, knowledge: dict, **train_kwargs):
     tree = tiny_config_tree(synth_root, tmp_path, **train_kwargs)
     tree["model"]["image"]["kwargs"]["embed_dim"] = 32  # the shared encoder needs towers of one width

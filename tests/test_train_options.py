@@ -3,7 +3,6 @@ trains, is really in effect, and resumes exactly."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -11,21 +10,10 @@ import torch
 
 from alignlab.config import validate_config
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
+from conftest import Crash, crash_at, tiny_config_tree
 
 OPTIONS = {"channels_last": {"channels_last": True}, "amp_bf16": {"precision": "amp_bf16"},
            "compile": {"compile": True}}
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def _crash_at(at: int):
-    def callback(metrics, step):
-        if step == at:
-            raise Crash(f"simulated crash at step {at}")
-    return callback
 
 
 def _losses(result) -> list[float]:
@@ -51,7 +39,7 @@ def test_option_trains_and_resumes_exactly(option, synth_root, tmp_path, monkeyp
     else:
         full = train(validate_config(tree), tmp_path / "full")
     with pytest.raises(Crash):
-        train(validate_config(tree), tmp_path / "resumed", on_metrics=_crash_at(3))
+        train(validate_config(tree), tmp_path / "resumed", on_metrics=crash_at(3))
     resumed = train(validate_config(tree), tmp_path / "resumed", resume=True)
 
     assert all(math.isfinite(loss) for loss in _losses(resumed))

@@ -28,18 +28,7 @@ from alignlab.training.checkpoint import (
 from alignlab.training.errors import CheckpointError, DivergenceError
 from alignlab.training.optim import cosine_lr_factor, warmup_steps_for
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_at(at: int):
-    def on_metrics(metrics, step):
-        if step == at:
-            raise Crash(f"simulated crash at step {at}")
-    return on_metrics
+from conftest import Crash, crash_at, tiny_config_tree
 
 
 def config(synth_root, tmp_path, overrides=(), **train_fields):
@@ -221,8 +210,8 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(synth_root, t
     with pytest.raises(Crash):
         train(cfg, tmp_path / "run", on_metrics=crash_at(5))
     before = (tmp_path / "run" / "config.yaml").read_text()
-    changed = config(synth_root, tmp_path, ["train.lr=0.002", "train.max_steps=10", "data.num_workers=1",
-                                                      "train.threads=1"],
+    changed = config(synth_root, tmp_path,
+                     ["train.lr=0.002", "train.max_steps=10", "data.num_workers=1", "train.threads=1"],
                      checkpoint_every=2)
     with pytest.raises(ConfigError) as err:
         train(changed, tmp_path / "run", resume=True)

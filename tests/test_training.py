@@ -11,11 +11,7 @@ from alignlab.config import validate_config
 from alignlab.training.checkpoint import atomic_torch_save, latest_checkpoint, list_checkpoints
 from alignlab.training.optim import cosine_lr_factor, param_groups, warmup_steps_for
 from alignlab.training.trainer import train
-from conftest import tiny_config_tree
-
-
-class Crash(RuntimeError):
-    pass
+from conftest import Crash, crash_at, tiny_config_tree
 
 
 def _losses(history):
@@ -25,13 +21,8 @@ def _losses(history):
 def test_resume_continues_exactly_like_an_uninterrupted_run(synth_root, tmp_path):
     cfg = validate_config(tiny_config_tree(synth_root, tmp_path, max_steps=8))
     full = train(cfg, tmp_path / "full")
-
-    def crash_at_step_5(metrics, step):
-        if step == 5:
-            raise Crash("simulated crash")
-
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "resumed", on_metrics=crash_at_step_5)
+        train(cfg, tmp_path / "resumed", on_metrics=crash_at(5))
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [3]
     resumed = train(cfg, tmp_path / "resumed", resume=True)
 
@@ -55,13 +46,8 @@ def test_persistent_workers_across_epochs_and_a_resume_give_the_serial_run(synth
     serial = train(validate_config(tiny_config_tree(synth_root, tmp_path, max_steps=10)), tmp_path / "serial")
     tree = tiny_config_tree(synth_root, tmp_path, max_steps=10)
     tree["data"]["num_workers"] = 2
-
-    def crash_at_step_9(metrics, step):
-        if step == 9:
-            raise Crash("simulated crash")
-
     with pytest.raises(Crash):
-        train(validate_config(tree), tmp_path / "workers", on_metrics=crash_at_step_9)
+        train(validate_config(tree), tmp_path / "workers", on_metrics=crash_at(9))
     resumed = train(validate_config(tree), tmp_path / "workers", resume=True)
     assert _losses(resumed.history) == _losses(serial.history)
     assert all(0 <= h["time/data_wait"] <= h["step_time"] for h in resumed.history)

@@ -64,7 +64,6 @@ class DataConfig(_Strict):
                                    "as caption_too_long: a document or blob stored as a caption.")
 
 
-
 class TokenizerConfig(_Strict):
     kind: Literal["clip_bpe", "wordpiece", "hf"] = Field(
         "clip_bpe", description="hf: the vocabulary saved with a pretrained transformers text tower "
@@ -448,7 +447,6 @@ class TrainConfig(_Strict):
             raise ValueError(f"epochs=0 evaluates the model untrained, but max_steps={self.max_steps} asks for "
                              "training: unset max_steps or set epochs >= 1")
         return self
-
 
 
 class EvalConfig(_Strict):

@@ -83,8 +83,6 @@ class ImageClassifierConfig(_Strict):
                                      "default); null: none.")
     erase: float = Field(0.25, ge=0, le=1, description="Random-erasing probability.")
 
-
-
     @field_validator("rand_augment")
     @classmethod
     def _check_rand_augment(cls, value: str | None) -> str | None:

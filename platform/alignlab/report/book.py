@@ -134,7 +134,8 @@ def book_page(spec: AblationSpec, records: list[dict], *, command: str, recipe: 
     return "\n".join(lines), status
 
 
-BOOK_ORDER = ("demo", "benchmark", "benchmark_6ep", "psd", "psd_noise40", "noise_sweep", "hn_nce", "diht", "cat")  # the pages, most important first
+# The pages, most important first.
+BOOK_ORDER = ("demo", "benchmark", "benchmark_6ep", "psd", "psd_noise40", "noise_sweep", "hn_nce", "diht", "cat")
 _STATUS = re.compile(r"status: \*\*(.+?)\*\*")
 
 
