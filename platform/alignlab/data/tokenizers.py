@@ -6,13 +6,15 @@ with the attributes `vocab_size`, `context_length`, `pad_id` and `kind`. Both ru
 """
 
 import gzip
+import heapq
 import html
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import ftfy
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -141,6 +143,85 @@ class ClipBPETokenizer:
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
+def learn_wordpiece_vocab(
+    word_counts: dict[str, int],
+    vocab_size: int,
+    min_frequency: int = 1,
+    special_tokens: list[str] = BERT_SPECIAL_TOKENS,
+    prefix: str = "##",
+) -> list[str]:
+    """A WordPiece vocabulary learnt from word counts, the same on every machine and in every process.
+
+    The merges are those of the `tokenizers` WordPiece trainer (BPE with a `prefix` on word-inner pieces):
+    the special tokens, every character seen (word-initial, then `prefix` + each), then, until `vocab_size`
+    tokens, the merge of the most frequent adjacent pair of pieces. Ties go to the pair whose (left, right)
+    strings sort first. The Rust trainer breaks ties by hash-map order instead, which changes from one
+    process to the next: in a template language most pairs tie, so two data folders generated from the same
+    config got different vocabularies (other intermediate pieces, other ids) and the same checkpoint scored
+    differently on a zero-shot prompt. Pairs seen fewer than `min_frequency` times are never merged.
+    """
+    if vocab_size < len(special_tokens):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(special_tokens)} special tokens")
+    words = sorted(word for word, count in word_counts.items() if word and count > 0)
+    pieces = [[word[0]] + [prefix + char for char in word[1:]] for word in words]
+    counts = [word_counts[word] for word in words]
+    vocab = list(dict.fromkeys(special_tokens))
+    known = set(vocab)
+    characters = sorted({char for word in words for char in word})
+    alphabet = characters + [prefix + char for char in characters]  # any word of these characters encodes
+    for piece in alphabet:
+        if piece not in known and len(vocab) < vocab_size:
+            vocab.append(piece)
+            known.add(piece)
+
+    pair_count: dict[tuple[str, str], int] = defaultdict(int)
+    pair_words: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for index, word in enumerate(pieces):
+        for pair in zip(word, word[1:]):
+            pair_count[pair] += counts[index]
+            pair_words[pair].add(index)
+    heap = [(-count, left, right) for (left, right), count in pair_count.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative, left, right = heapq.heappop(heap)
+        count = pair_count.get((left, right), 0)
+        if count != -negative:
+            continue  # stale entry: the pair's current count was pushed when it changed
+        if count < min_frequency:
+            break
+        merged = left + right[len(prefix):]
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        changed = set()
+        for index in sorted(pair_words.pop((left, right))):
+            old = pieces[index]
+            new, i = [], 0
+            while i < len(old):
+                if i + 1 < len(old) and old[i] == left and old[i + 1] == right:
+                    new.append(merged)
+                    i += 2
+                else:
+                    new.append(old[i])
+                    i += 1
+            for pair in zip(old, old[1:]):
+                pair_count[pair] -= counts[index]
+                pair_words[pair].discard(index)
+                changed.add(pair)
+            for pair in zip(new, new[1:]):
+                pair_count[pair] += counts[index]
+                pair_words[pair].add(index)
+                changed.add(pair)
+            pieces[index] = new
+        for pair in sorted(changed):
+            if pair_count[pair] > 0:
+                heapq.heappush(heap, (-pair_count[pair], *pair))
+            else:
+                pair_count.pop(pair, None)
+                pair_words.pop(pair, None)
+    return vocab
+
+
 def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
     """BERT's normaliser and pre-tokeniser around a WordPiece model (as BertWordPieceTokenizer builds it)."""
     backend = Tokenizer(model)
@@ -167,6 +248,8 @@ class WordPieceTokenizer:
             )
         if context_length < 2:
             raise ValueError(f"context_length={context_length} is too small: WordPiece needs room for [CLS] and [SEP]")
+        # Registered as special (their ids unchanged), so decode skips them and no caption text splits into them.
+        backend.add_special_tokens([token for token in BERT_SPECIAL_TOKENS if backend.token_to_id(token) is not None])
         cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -200,18 +283,18 @@ class WordPieceTokenizer:
         lowercase: bool = True,
         min_frequency: int = 1,
     ) -> "WordPieceTokenizer":
-        """Learn a WordPiece vocabulary of at most `vocab_size` tokens from `texts` (the special tokens first)."""
+        """Learn a WordPiece vocabulary of at most `vocab_size` tokens from `texts` (the special tokens first),
+        deterministically (`learn_wordpiece_vocab`)."""
         if not texts:
             raise ValueError("WordPieceTokenizer.train needs a non-empty list of train_texts")
-        backend = _bert_pipeline(models.WordPiece(unk_token="[UNK]"), lowercase)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=BERT_SPECIAL_TOKENS,
-            show_progress=False,
-        )
-        backend.train_from_iterator(texts, trainer=trainer)
-        return cls(backend, context_length, source="the trained vocabulary")
+        splitter = _bert_pipeline(models.WordPiece(unk_token="[UNK]"), lowercase)
+        word_counts: Counter[str] = Counter()
+        for text in texts:
+            normalized = splitter.normalizer.normalize_str(text)
+            word_counts.update(word for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized))
+        vocab = learn_wordpiece_vocab(word_counts, vocab_size, min_frequency)
+        model = models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]")
+        return cls(_bert_pipeline(model, lowercase), context_length, source="the trained vocabulary")
 
     def save(self, path: str | Path) -> Path:
         """Write the vocabulary as a BERT vocab.txt that `from_vocab` reads back to the same ids."""
