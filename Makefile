@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements/*.txt | sha1sum | cut -c1-12)
 
-.PHONY: demo test venv system-deps tools image image-deps image-test clean-venv
+.PHONY: demo test book venv system-deps tools image image-deps image-test clean-venv
 
 # No usage telemetry from MLflow (offline machines, CI).
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -40,6 +40,11 @@ $(CHECKOV): requirements/checkov.txt
 
 test: $(STAMP) system-deps $(CHECKOV)
 	$(BIN)/python -m pytest -n 2 tests
+
+# The results book (docs/results/; hours on 2 cores, not a test): every book spec run (resumable) and its page
+# written. BOOK_ARGS="--specs noise_sweep --seeds 0" for part of it; "--gpu --output-dir runs-gpu" on a GPU machine.
+book: $(STAMP)
+	$(BIN)/python benchmarks/results_book.py $(BOOK_ARGS)
 
 # The container image (not part of `make test`: minutes, GBs). buildah/podman need no daemon; debootstrap
 # builds the base when the registry cannot be reached. See docs/running-on-kubernetes.md.

@@ -101,3 +101,39 @@ def test_report_book_cli_writes_a_not_run_page(tmp_path, monkeypatch):
     assert main(["report", "toy.yaml", "--book", "--book-dir", str(tmp_path / "book")]) == 0
     assert "not run yet" in (tmp_path / "book" / "toy.md").read_text()
     assert "toy.md" in (tmp_path / "book" / "README.md").read_text()
+
+
+def _results_book_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results_book.py"
+    spec = importlib.util.spec_from_file_location("results_book", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_book_script_runs_then_reports_each_spec_with_the_same_overrides(capsys):
+    script = _results_book_script()
+    assert script.main(["--dry-run", "--specs", "noise_sweep", "cat", "--seeds", "0", "data.synth.seed=3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert [line.split()[2:4] for line in lines] == [
+        ["run", "ablations/noise_sweep.yaml"], ["report", "ablations/noise_sweep.yaml"],
+        ["run", "ablations/cat.yaml"], ["report", "ablations/cat.yaml"]]
+    for line in lines:
+        assert "output_dir=runs" in line and "'seeds=[0]'" in line and "data.synth.seed=3" in line
+    assert "--resume" in lines[0] and lines[1].endswith("--book --book-dir docs/results")
+
+
+def test_results_book_script_refuses_an_unknown_spec_and_a_gpu_book_without_cuda(capsys):
+    import torch
+
+    script = _results_book_script()
+    with pytest.raises(SystemExit):
+        script.main(["--specs", "no_such_spec"])
+    assert "--specs: no ablations/no_such_spec.yaml" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert script.main(["--gpu", "--specs", "demo"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert script.main(["--dry-run", "--gpu", "--specs", "demo"]) == 0
+    assert "train.precision=amp_bf16" in capsys.readouterr().out
