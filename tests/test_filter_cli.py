@@ -209,6 +209,18 @@ def test_clip_score_stage_loads_an_alignlab_checkpoint(filtered, noisy, tmp_path
     manifest = json.loads((result / "manifest.json").read_text())
     assert manifest["filter"]["clip_checkpoint"] == str(checkpoint)
 
+    # DiHT sized its CLIP filter like CAT's: keep a fraction instead of a fixed cosine
+    sized = tmp_path / "clip-30"
+    assert cli_main(["data", "filter", "--data", str(noisy), "--out", str(sized), "--stages", "clip_score",
+                     "--clip-checkpoint", str(checkpoint), "--clip-keep-fraction", "0.3", "--device", "cpu"]) == 0
+    stats = json.loads((sized / "filter_stats.json").read_text())
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[: -(-3 * len(scores) // 10)]
+    cut = min(scores[i] for i in top)
+    assert stats["filter"]["clip_keep_fraction"] == 0.3 and stats["filter"]["clip_threshold"] == pytest.approx(cut)
+    assert {s["__key__"] for s in _samples(sized)} == {index[i]["__key__"] for i, x in enumerate(scores)
+                                                        if x >= cut - 1e-6}
+    assert stats["kept"] >= len(top) and stats["kept"] <= len(top) + 2  # ties at the cut only
+
 
 def test_bad_options_fail_clearly(noisy, tmp_path, capsys):
     base = ["data", "filter", "--data", str(noisy), "--out", str(tmp_path / "o")]
@@ -216,6 +228,10 @@ def test_bad_options_fail_clearly(noisy, tmp_path, capsys):
     assert "choose from" in capsys.readouterr().err
     assert cli_main(base + ["--stages", "clip_score"]) == 2
     assert "--clip-checkpoint" in capsys.readouterr().err
+    assert cli_main(base + ["--stages", "complexity", "--clip-keep-fraction", "0.2"]) == 2
+    assert "clip_keep_fraction" in capsys.readouterr().err
+    assert cli_main(base + ["--stages", "clip_score", "--clip-keep-fraction", "1.5", "--clip-checkpoint", "x"]) == 2
+    assert "clip" in capsys.readouterr().err
     assert cli_main(["data", "filter", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(base + ["--stages", "clip_score", "--clip-checkpoint", str(tmp_path / "x.pt")]) == 2

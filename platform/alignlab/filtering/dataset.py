@@ -17,6 +17,7 @@ step call `filter_dataset`; its settings are `filtering.settings.FilterSettings`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,20 +106,32 @@ def load_clip_scorer(checkpoint: Path, device: str):
 # ---- the command -------------------------------------------------------------------------------------------
 
 def _recorded_settings(stages: tuple[str, ...], min_complexity: int, min_actions: int, min_chars: int,
-                       min_confidence: float, clip_checkpoint: str | None, clip_threshold: float) -> dict:
+                       min_confidence: float, clip_checkpoint: str | None, clip_threshold: float,
+                       clip_keep_fraction: float | None = None) -> dict:
     """The settings the manifest and filter_stats.json record: those of the stages that ran."""
     settings = {"stages": list(stages), "min_complexity": min_complexity, "min_actions": min_actions}
     if "text_spotting" in stages:
         settings |= {"min_chars": min_chars, "min_confidence": min_confidence}
     if "clip_score" in stages:
         settings |= {"clip_checkpoint": str(clip_checkpoint), "clip_threshold": clip_threshold}
+        if clip_keep_fraction is not None:
+            settings["clip_keep_fraction"] = clip_keep_fraction
     return settings
+
+
+def threshold_keeping(scores, fraction: float) -> float:
+    """The highest threshold that keeps at least `fraction` of `scores` (score >= threshold is kept): the
+    ceil(fraction x N)-th largest score. Ties at it keep a few more."""
+    ordered = sorted((float(s) for s in scores), reverse=True)
+    if not ordered:
+        raise ValueError("clip_keep_fraction: no readable training pair to score")
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format: str, train: str,
                    min_complexity: int, min_actions: int, min_chars: int, min_confidence: float,
                    clip_checkpoint: str | None, clip_threshold: float, device: str | None, workers: int,
-                   shard_size: int, max_examples: int) -> dict:
+                   shard_size: int, max_examples: int, clip_keep_fraction: float | None = None) -> dict:
     """Filter the training pairs of `data` through `stages` into `out` (module docstring); returns
     filter_stats.json's content plus the printable "table". The arguments are `FilterSettings`' fields
     (its defaults: `filter_dataset(**FilterSettings(data=..., out=...).model_dump())`)."""
@@ -138,19 +151,36 @@ def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format:
         raise ValueError(f"stages {list(stages)}: choose from {', '.join(STAGES)}")
     if workers < 1 or shard_size < 1 or max_examples < 0:
         raise ValueError("workers and shard_size must be >= 1 and max_examples >= 0")
-    recorded = _recorded_settings(stages, min_complexity, min_actions, min_chars, min_confidence, clip_checkpoint,
-                                  clip_threshold)
+    if clip_keep_fraction is not None and "clip_score" not in stages:
+        raise ValueError("clip_keep_fraction sets the clip_score threshold: add clip_score to stages or unset it")
     clip = {}
+    source = open_source(data, format, train)
     if "clip_score" in stages:
         if clip_checkpoint is None:
             raise ValueError("stage clip_score needs clip_checkpoint (an alignlab final.pt)")
         import torch
 
+        from alignlab.filtering.clip_score import clip_scores
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, transform = load_clip_scorer(Path(clip_checkpoint), device)
+        if clip_keep_fraction is not None:
+            images, captions, scores = [], [], []
+            for _, caption, read in iter_pairs(source, format):
+                try:
+                    images.append(Image.open(io.BytesIO(read()[0])).convert("RGB"))
+                except Exception:  # unreadable: not filtered, recorded as skipped by the pass below
+                    continue
+                captions.append(caption)
+                if len(images) == 1024:
+                    scores += clip_scores(model, tokenizer, transform, images, captions, 256, device).tolist()
+                    images, captions = [], []
+            scores += clip_scores(model, tokenizer, transform, images, captions, 256, device).tolist()
+            clip_threshold = threshold_keeping(scores, clip_keep_fraction)
         clip = {"clip_model": model, "tokenizer": tokenizer, "image_transform": transform, "device": device,
                 "clip_threshold": clip_threshold}
-    source = open_source(data, format, train)
+    recorded = _recorded_settings(stages, min_complexity, min_actions, min_chars, min_confidence, clip_checkpoint,
+                                  clip_threshold, clip_keep_fraction)
     source_info = {"data_root": str(data), "format": format, "train": train,
                    "dataset_hash": source_dataset_hash(data, source)}
     writer = ShardWriter(out, shard_size=shard_size, generator="alignlab-filter")  # fails early if taken

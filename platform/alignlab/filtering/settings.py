@@ -30,6 +30,10 @@ class FilterSettings(BaseModel):
     min_confidence: float = Field(0.8, ge=0, le=1, description="text spotting: OCR confidence")
     clip_checkpoint: str | None = Field(None, description="alignlab checkpoint (final.pt, step-*.pt) for clip_score")
     clip_threshold: float = Field(0.35, description="clip_score: keep score >= this")
+    clip_keep_fraction: float | None = Field(
+        None, gt=0, le=1, description="clip_score: instead of clip_threshold, the threshold that keeps this fraction "
+        "of the training pairs (scored once beforehand). DiHT chose its 0.35 so that the CLIP-filtered set is about "
+        "as large as CAT's; a small scorer's cosines live on another scale, so match the size instead")
     device: str | None = Field(None, description="clip_score device (default: cuda if available, else cpu)")
     workers: int = Field(1, ge=1, description="processes for the parser and OCR stages")
     shard_size: int = Field(1000, ge=1, description="pairs per output shard")
@@ -39,6 +43,8 @@ class FilterSettings(BaseModel):
     def _check(self) -> "FilterSettings":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages: each stage at most once, got {self.stages}")
+        if self.clip_keep_fraction is not None and "clip_score" not in self.stages:
+            raise ValueError("clip_keep_fraction sets the clip_score threshold: add clip_score to stages or unset it")
         if "clip_score" in self.stages and not self.clip_checkpoint:
             raise ValueError("clip_checkpoint: stage clip_score needs an alignlab checkpoint (e.g. the final.pt "
                              "of a `train` prepare step)")
