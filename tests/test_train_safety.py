@@ -218,8 +218,25 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(synth_root, t
     message = str(err.value)
     assert "\n" not in message and "step-00000004.pt" in message and "--allow-config-change" in message
     assert "train.lr 0.001 -> 0.002" in message and "train.max_steps 8 -> 10" in message
-    assert "num_workers" not in message and "threads" not in message  # free fields: the same computation
+    assert "num_workers" not in message and "threads" not in message  # free fields (a thread change is recorded)
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # the record still says what was trained
+
+
+def test_a_resume_at_another_thread_count_is_said_and_recorded(synth_root, tmp_path, capsys):
+    """Free to change, but a CPU sums in another order at another thread count: recorded, never silent."""
+    cfg = config(synth_root, tmp_path, ["train.threads=1"], max_steps=6, checkpoint_every=2)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run", on_metrics=crash_at(3))
+    train(config(synth_root, tmp_path, ["train.threads=2"], max_steps=6, checkpoint_every=2), tmp_path / "run",
+          resume=True)
+    assert "compute threads 1 -> 2 at step 2" in capsys.readouterr().out
+    history = [json.loads(line) for line in (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 2 and history[-1]["changes"] == {"compute_threads": {"old": 1, "new": 2}}
+
+    with pytest.raises(Crash):  # the same thread count: nothing to record
+        train(cfg, tmp_path / "same", on_metrics=crash_at(3))
+    train(cfg, tmp_path / "same", resume=True)
+    assert not (tmp_path / "same" / "config_history.jsonl").exists()
 
 
 def test_allowed_config_change_rebuilds_lr_weight_decay_and_schedule_and_records_it(synth_root, tmp_path):

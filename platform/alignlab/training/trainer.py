@@ -196,7 +196,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         remove_partial_files(run_dir)
 
     # ---- setup ---------------------------------------------------------------------------------
-    torch.set_num_threads(compute_threads(tcfg.threads, cfg.data.num_workers))
+    threads = compute_threads(tcfg.threads, cfg.data.num_workers)
+    torch.set_num_threads(threads)
     builders.seed_everything(cfg.seed)
     data_root = resolve_data_root(cfg.data)
     tokenizer = builders.tokenizer_from_config(cfg.model, cfg.data, data_root)
@@ -259,7 +260,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         history = _history_until(_load_history(run_dir / "metrics.jsonl"), step)
         if dist.is_main:
             print(f"[alignlab] resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-            record_config_changes(run_dir, step, changes)
+            # Free to change (train.threads, or data.num_workers through the default), but a CPU sums in
+            # another order at another thread count: the resumed run is sound, not bit-identical to an
+            # uninterrupted one. Said here and recorded beside the config changes.
+            saved_threads = state.get("compute_threads")
+            threads_changed = (dist.device.type == "cpu" and saved_threads is not None and saved_threads != threads)
+            if threads_changed:
+                print(f"[alignlab] compute threads {saved_threads} -> {threads} at step {step}: CPU results from here "
+                      f"on differ in rounding from a run that kept {saved_threads} (not bit-identical)")
+            record_config_changes(run_dir, step, changes + (
+                [ConfigChange("compute_threads", saved_threads, threads)] if threads_changed else []))
             if changes:
                 print(f"[alignlab] config changed at step {step}: {', '.join(str(c) for c in changes)}")
                 if on_config_change:
@@ -298,7 +308,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, a
         data_skips.update()
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                 "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                 "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "compute_threads": threads,
                  "config": redact(config_to_dict(cfg))} | ({"selection": selector.state_dict()} if selector else {})
         return save_checkpoint(ckpt_dir, at_step, state, tcfg.keep_checkpoints) if dist.is_main else None
 
