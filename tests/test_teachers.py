@@ -242,6 +242,38 @@ def test_true_labels_and_label_accuracy_by_hand():
     assert accuracy["color"]["top1"] == 0.0 and accuracy["color"]["chance"] == pytest.approx(1 / 8)
 
 
+def test_teacher_label_losses_against_their_equations():
+    """group_ce: sum over groups of the batch mean of -sum_c t_c log softmax(z_g)_c, t = y_g / |y_g|; bce: the
+    mean binary cross entropy (written out here in float64 from the formulas)."""
+    import math
+
+    from alignlab.teachers.supervised import LABEL_GROUPS, label_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, len(LABEL_NAMES), generator=generator, dtype=torch.float64) * 3
+    metas = [{"objects": [{"shape": "star", "color": "red", "size": "small"}]},
+             {"objects": [{"shape": "star", "color": "blue", "size": "small"},
+                          {"shape": "heart", "color": "blue", "size": "large"}]},
+             {"objects": [{"shape": "cross", "color": "pink", "size": "large"}]}]
+    labels = torch.stack([true_labels(m, f"s{i}") for i, m in enumerate(metas)]).double()
+    expected, offset = 0.0, 0
+    for names in LABEL_GROUPS.values():
+        per_sample = []
+        for z, y in zip(logits.tolist(), labels.tolist()):
+            zg, yg = z[offset:offset + len(names)], y[offset:offset + len(names)]
+            log_norm = math.log(sum(math.exp(v) for v in zg))
+            per_sample.append(-sum(t / sum(yg) * (v - log_norm) for t, v in zip(yg, zg)))
+        expected += sum(per_sample) / len(per_sample)
+        offset += len(names)
+    assert label_loss(logits, labels, "group_ce").item() == pytest.approx(expected, rel=1e-12)
+
+    bce = [-(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))
+           for zs, ys in zip(logits.tolist(), labels.tolist()) for z, y in zip(zs, ys)]
+    assert label_loss(logits, labels, "bce").item() == pytest.approx(sum(bce) / len(bce), rel=1e-9)
+    with pytest.raises(ValueError, match="group_ce or bce"):
+        label_loss(logits, labels, "mse")
+
+
 # ------------------------------------------------------------------------------------- alignlab teacher train
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from alignlab.teachers.settings import TeacherCacheSettings, TeacherTrainSetting
 
 # `alignlab teacher train` flags of the nested settings, as they were before the settings model
 TRAIN_FLAGS = {f"config.{name}": f"--{name.replace('_', '-')}" for name in
-               ("arch", "image_size", "epochs", "batch_size", "lr", "holdout", "seed")} | {
+               ("arch", "image_size", "epochs", "batch_size", "lr", "loss", "holdout", "seed")} | {
     "config.kwargs": "--arch-kwargs", "config.concepts.min_count": "--min-count",
     "config.concepts.epochs": "--concept-epochs", "config.concepts.batch_size": "--concept-batch-size",
     "config.concepts.base_lr": "--concept-base-lr", "config.concepts.resample": "--resample"}

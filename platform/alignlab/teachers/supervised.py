@@ -4,7 +4,8 @@
 a timm model, by default the
     student's image tower (same name and kwargs as `model.image`), trained from scratch with a multi-label
     head on the generator's TRUE labels from each sample's metadata: shapes (objects), colours and sizes
-    (attributes); binary cross entropy, AdamW, cosine schedule. A held-out part of the training pairs
+    (attributes); a softmax cross entropy per label group (`label_loss`; binary cross entropy is the option
+    `loss: bce`), AdamW, cosine schedule. A held-out part of the training pairs
     measures per-group accuracy (is the top-scoring shape / colour / size among the image's true ones).
 (b) Concept heads on the frozen backbone (`alignlab.teachers.concepts`), trained on concepts parsed from
     the (possibly noisy) captions.
@@ -114,9 +115,32 @@ def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "group_ce") -> torch.Tensor:
+    """The supervised teacher's loss on [B, len(LABEL_NAMES)] logits and multi-hot true labels.
+
+    group_ce: the sum over label groups g (shape, colour, size) of the batch mean of
+    -sum_{c in g} t_c log softmax(z_g)_c, where t = y_g / sum(y_g) spreads the group's target evenly over the
+    image's true labels (two objects of different shapes: 1/2 each). bce: binary cross entropy with logits,
+    the mean over all labels. On SynthCaps bce learns colour and size and leaves shape near chance (its easy
+    labels dominate the mean); group_ce learns shape with the same tower, data and steps
+    (benchmarks/teacher_recipe.py)."""
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if kind != "group_ce":
+        raise ValueError(f"teacher loss {kind!r}: choose group_ce or bce")
+    total, offset = logits.new_zeros(()), 0
+    for names in LABEL_GROUPS.values():
+        target = labels[:, offset:offset + len(names)]
+        target = target / target.sum(dim=1, keepdim=True).clamp_min(1)
+        total = total + -(target * F.log_softmax(logits[:, offset:offset + len(names)], dim=1)).sum(dim=1).mean()
+        offset += len(names)
+    return total
+
+
 def train_backbone(model: torch.nn.Module, images: list[Image.Image], labels: torch.Tensor, rows: torch.Tensor,
                    config: TeacherSettings) -> list[float]:
-    """Multi-label BCE training of `model` (timm, num_classes = len(LABEL_NAMES)); returns the mean loss per epoch."""
+    """Supervised training of `model` (timm, num_classes = len(LABEL_NAMES)) with `label_loss` of
+    `config.loss`; returns the mean loss per epoch."""
     transform = build_image_transform(config.image_size, train=True, crop_scale=CROP_SCALE)
     steps_per_epoch = math.ceil(len(rows) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -131,7 +155,7 @@ def train_backbone(model: torch.nn.Module, images: list[Image.Image], labels: to
             batch = order[start:start + config.batch_size].tolist()
             x = torch.stack([transform(images[i], random.Random(sample_aug_seed(config.seed, epoch, i)))
                              for i in batch])
-            loss = F.binary_cross_entropy_with_logits(model(x), labels[batch])
+            loss = label_loss(model(x), labels[batch], config.loss)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, warmup, config.lr)
             optimizer.zero_grad(set_to_none=True)
