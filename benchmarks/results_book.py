@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from alignlab.report.book import BOOK_ORDER
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-from alignlab.report.book import BOOK_ORDER  # noqa: E402
 
 
 def alignlab_command() -> list[str]:

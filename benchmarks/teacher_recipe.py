@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,37 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import timm
-
     from alignlab.config import load_config
     from alignlab.teachers.settings import TeacherSettings
-    from alignlab.teachers.supervised import (LABEL_NAMES, _split, embed_and_classify, label_accuracy,
-                                              load_training_set, train_backbone)
+    from alignlab.teachers.supervised import train_teacher
 
     cfg = load_config(args.config, [])
     tower = cfg.model.image.name, dict(cfg.model.image.kwargs), cfg.data.image_size
-    images, _, labels, _ = load_training_set(args.data)
     rows = {}
-    for loss in args.losses:
+    for loss in args.losses:  # `alignlab teacher train` itself, into a folder thrown away afterwards
         settings = TeacherSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=loss,
                                    holdout=args.holdout).with_default_arch(*tower)
-        train_rows, held_rows = _split(len(images), settings.holdout, settings.seed)
-        torch.manual_seed(settings.seed)
-        model = timm.create_model(settings.arch.removeprefix("timm:"), pretrained=False,
-                                  num_classes=len(LABEL_NAMES), **settings.kwargs)
-        started = time.perf_counter()
-        train_backbone(model, images, labels, train_rows, settings)
-        seconds = time.perf_counter() - started
-        _, logits = embed_and_classify(model, images, settings.image_size)
-        rows[loss] = (label_accuracy(logits[held_rows], labels[held_rows]), seconds)
-        steps = -(-len(train_rows) // settings.batch_size) * settings.epochs
-        print(f"{loss}: {steps} steps of {settings.batch_size} on {len(train_rows)} pairs, {seconds:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory() as out:
+            summary = train_teacher(args.data, out, settings)["summary"]
+        rows[loss] = summary
+        steps = -(-summary["num_train"] // settings.batch_size) * settings.epochs
+        print(f"{loss}: {steps} steps of {settings.batch_size} on {summary['num_train']} pairs, "
+              f"{summary['seconds']['supervised']:.0f} s", flush=True)
 
-    print(f"\n{args.data}: hold-out top-1 per label group ({len(held_rows)} pairs; chance in brackets)")
-    print(f"| loss | shape | colour | size | train s |\n|---|---:|---:|---:|---:|")
-    for loss, (accuracy, seconds) in rows.items():
+    print(f"\n{args.data}: hold-out top-1 per label group ({summary['num_holdout']} pairs; chance in brackets)")
+    print("| loss | shape | colour | size | train s |\n|---|---:|---:|---:|---:|")
+    for loss, summary in rows.items():
+        accuracy = summary["holdout_accuracy"]
         cells = [f"{accuracy[g]['top1']:.3f} ({accuracy[g]['chance']:.2f})" for g in ("shape", "color", "size")]
-        print(f"| {loss} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        print(f"| {loss} | " + " | ".join(cells) + f" | {summary['seconds']['supervised']:.0f} |")
     return 0
 
 

@@ -128,6 +128,25 @@ def threshold_keeping(scores, fraction: float) -> float:
     return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
+def _decoded_pairs(source, format: str, decode: bool):
+    """(pair id, key, caption, RGB image, None) of every training pair in order; with `decode` False the image is
+    None, and an image that cannot be read gives (pair id, key, caption, None, (reason, detail))."""
+    import io
+
+    from PIL import Image
+
+    for pair_id, (key, caption, read) in enumerate(iter_pairs(source, format)):
+        image, unreadable_reason = None, None
+        if decode:
+            try:
+                image = Image.open(io.BytesIO(read()[0])).convert("RGB")
+            except FileNotFoundError as err:
+                unreadable_reason = ("missing_file", str(err))
+            except Exception as err:  # PIL's many decode errors
+                unreadable_reason = ("undecodable_image", f"{type(err).__name__}: {err}")
+        yield pair_id, key, caption, image, unreadable_reason
+
+
 def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format: str, train: str,
                    min_complexity: int, min_actions: int, min_chars: int, min_confidence: float,
                    clip_checkpoint: str | None, clip_threshold: float, device: str | None, workers: int,
@@ -135,10 +154,7 @@ def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format:
     """Filter the training pairs of `data` through `stages` into `out` (module docstring); returns
     filter_stats.json's content plus the printable "table". The arguments are `FilterSettings`' fields
     (its defaults: `filter_dataset(**FilterSettings(data=..., out=...).model_dump())`)."""
-    import io
     import json
-
-    from PIL import Image
 
     from alignlab.data.importers import check_image
     from alignlab.data.writer import DuplicateKeyError, ShardWriter, image_extension
@@ -164,13 +180,12 @@ def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, transform = load_clip_scorer(Path(clip_checkpoint), device)
-        if clip_keep_fraction is not None:
+        if clip_keep_fraction is not None:  # a scoring pass of its own: the threshold must be known first
             images, captions, scores = [], [], []
-            for _, caption, read in iter_pairs(source, format):
-                try:
-                    images.append(Image.open(io.BytesIO(read()[0])).convert("RGB"))
-                except Exception:  # unreadable: not filtered, recorded as skipped by the pass below
+            for _, _, caption, image, unreadable_reason in _decoded_pairs(source, format, decode=True):
+                if unreadable_reason:  # not filtered; the pass below records it as skipped
                     continue
+                images.append(image)
                 captions.append(caption)
                 if len(images) == 1024:
                     scores += clip_scores(model, tokenizer, transform, images, captions, 256, device).tolist()
@@ -189,18 +204,11 @@ def filter_dataset(data: str | Path, out: str, stages: Sequence[str], *, format:
     unreadable: dict[int, tuple[str, str]] = {}  # pair id -> (reason, detail): not filtered, recorded as skipped
 
     def filter_input():
-        for pair_id, (key, caption, read) in enumerate(iter_pairs(source, format)):
+        for pair_id, key, caption, image, unreadable_reason in _decoded_pairs(source, format, decode=needs_image):
             keys.append(key)
-            image = None
-            if needs_image:
-                try:
-                    image = Image.open(io.BytesIO(read()[0])).convert("RGB")
-                except FileNotFoundError as err:
-                    unreadable[pair_id] = ("missing_file", str(err))
-                    continue
-                except Exception as err:  # PIL's many decode errors
-                    unreadable[pair_id] = ("undecodable_image", f"{type(err).__name__}: {err}")
-                    continue
+            if unreadable_reason:
+                unreadable[pair_id] = unreadable_reason
+                continue
             yield pair_id, image, caption
 
     result = run_filters(filter_input(), stages, workers=workers, min_complexity=min_complexity,
