@@ -61,6 +61,8 @@ def test_prometheus_scrapes_a_finished_and_a_running_training_job(config_tree, t
     try:
         with start_node_exporter(tmp_path, textfiles) as node, \
                 start_prometheus(tmp_path, {"finished": node, "running": f"127.0.0.1:{port}"}) as prom:
+            # the running job's exporter serves step 0 until its first step ends: wait for that step first
+            wait_for_series(prom, 'alignlab_train_step{job="running"} >= 1', want=1)
             series = {name: wait_for_series(prom, name, want=2) for name in SERIES}
             assert job.poll() is None, (tmp_path / "running.log").read_text()[-2000:]
     finally:
