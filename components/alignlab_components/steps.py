@@ -22,12 +22,17 @@ process, so each imports only what it needs (torch alone takes seconds to import
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignlab.config import ExperimentConfig, load_yaml, validate_config
 
 RESULTS_FILE = "results.json"
 PIPELINE_RUN_FILE = "pipeline-run.txt"  # id of the pipeline run that last trained into a run folder
+# Set by a runner whose steps share the machine (kfp's local runner: OMP_NUM_THREADS is each concurrent
+# step's share of the cores): the threads a step that runs alone may use (all the cores).
+SERIAL_STEP_THREADS = "ALIGNLAB_SERIAL_STEP_THREADS"
 
 
 def prepare_data_step(config: dict) -> dict:
@@ -45,7 +50,33 @@ def prepare_step(entry: dict, ablation: str) -> dict:
     ({"kind", "out", "status": "done" | "skipped", ...})."""
     from alignlab.prepare import run_prepare_step
 
-    return run_prepare_step(entry, {"ablation": ablation})
+    with serial_step_threads():
+        return run_prepare_step(entry, {"ablation": ablation})
+
+
+@contextmanager
+def serial_step_threads():
+    """For a step that runs alone (the prepare steps run one at a time, before the runs' loop): the thread
+    count SERIAL_STEP_THREADS names, in torch and in OMP_NUM_THREADS (which a prepare `train` step's trainer
+    reads), instead of the share of the cores that the runner gave every step; restored afterwards. Without
+    SERIAL_STEP_THREADS (a cluster pod, or OMP_NUM_THREADS set by the user), nothing changes."""
+    threads = os.environ.get(SERIAL_STEP_THREADS, "")
+    if not threads.isdigit() or int(threads) < 1:
+        yield
+        return
+    import torch
+
+    before_torch, before_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(int(threads))
+    os.environ["OMP_NUM_THREADS"] = threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_torch)
+        if before_omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_omp
 
 
 def _run_config(run: dict) -> ExperimentConfig:

@@ -33,6 +33,7 @@ from alignlab.ablation import load_spec
 from alignlab.console import TaskConsole, TaskFailed
 from alignlab.ablation_runner import ablation_dir
 from alignlab_pipelines.ablation import dataset_configs, pipeline_for_plans
+from alignlab_components.steps import SERIAL_STEP_THREADS
 from alignlab_pipelines.local_output import capture_task_output
 from alignlab_pipelines.settings import PipelineSettings
 
@@ -94,10 +95,12 @@ def cpu_share_per_step():
         yield
         return
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // LOCAL_PARALLELISM))
+    # The prepare steps run one at a time, before the runs' loop: they may take every core.
+    os.environ[SERIAL_STEP_THREADS] = str(os.cpu_count() or 1)
     try:
         yield
     finally:
-        del os.environ["OMP_NUM_THREADS"]
+        del os.environ["OMP_NUM_THREADS"], os.environ[SERIAL_STEP_THREADS]
 
 
 def planned_task_labels(spec, plans) -> list[str]:
