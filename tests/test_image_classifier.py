@@ -66,3 +66,34 @@ def test_bad_classifier_settings_are_one_line_errors():
     for field, value in (("layer_decay", 0.0), ("rand_augment", "m9"), ("crop_scale", [0.5, 0.1])):
         with pytest.raises(ValidationError, match=field):
             ImageClassifierConfig(**{field: value})
+
+
+def _posterize_op(transform):
+    return next(op for step in transform.transforms for op in getattr(step, "ops", [])
+                if op.name == "PosterizeIncreasing")
+
+
+def test_randaugment_posterize_at_magnitude_10_gives_a_black_image_instead_of_raising():
+    """timm's default RandAugment (rand-m9-mstd0.5-inc1) reaches magnitude 10 on ~2 % of draws: 0 bits kept,
+    which Pillow 13 refuses (it killed the first thesis fine-tune). The classifier's transform answers as Pillow
+    < 13 did, an all-black image, and keeps every other bit count as timm's op does."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from alignlab.evaluate.image_classifier import with_pillow_safe_posterize
+
+    image = Image.new("RGB", (16, 16), (200, 120, 40))
+    plain = _posterize_op(create_transform(16, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+    safe = _posterize_op(with_pillow_safe_posterize(
+        create_transform(16, is_training=True, auto_augment="rand-m9-mstd0.5-inc1")))
+    for op in (plain, safe):
+        op.prob, op.magnitude_std = 1.0, 0.0
+    plain.magnitude = safe.magnitude = 10
+    try:
+        plain(image)
+    except ValueError:
+        pass  # Pillow >= 13: 0 bits refused (older Pillow returned black, as the safe op does)
+    assert set(safe(image).getdata()) == {(0, 0, 0)}
+    plain.magnitude = safe.magnitude = 5  # 2 bits kept: the same image from both
+    assert list(safe(image).getdata()) == list(plain(image).getdata())
+    assert set(safe(image).getdata()) == {(192, 64, 0)}  # 200, 120, 40 keep their top 2 bits

@@ -20,8 +20,9 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
@@ -85,6 +86,28 @@ def _top1(model: nn.Module, loader, device) -> float:
     return 100.0 * hits / max(total, 1)
 
 
+def black_image_posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, with Pillow < 13's answer for 0 bits kept (an all-black image). RandAugment's
+    'PosterizeIncreasing' keeps 4 - int(magnitude * 0.4) bits, so 0 at magnitude 10, which timm's default string
+    (rand-m9-mstd0.5-inc1: magnitude ~ N(9, 0.5), clipped to [0, 10]) reaches on about 2 % of its draws; Pillow 13
+    raises on 0 bits and killed the fine-tune a few hundred images in."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def with_pillow_safe_posterize(transform):
+    """`transform` (timm's create_transform output) with every RandAugment posterize op using
+    `black_image_posterize`: the same recipe, runnable on Pillow 13. Other ops are untouched."""
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+                op.aug_fn = black_image_posterize
+    return transform
+
+
 def train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageClassifierConfig, image_size: int,
                            eval_transform, *, seed: int = 0, hflip: float = 0.0) -> dict[str, float]:
     """Probe or fine-tune a copy of `encoder` on `task_root/{train,val,test}` (class folders); returns
@@ -95,9 +118,10 @@ def train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageC
     splits = {split: load_class_folders(task_root, split)[:2] for split in ("val", "test")}
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # head init, RandAugment, Mixup: one seed, one result
-    train_transform = create_transform(image_size, is_training=True, scale=tuple(s.crop_scale), hflip=hflip,
-                                       color_jitter=0.0, auto_augment=s.rand_augment, interpolation="bicubic",
-                                       mean=CLIP_MEAN, std=CLIP_STD, re_prob=s.erase)
+    train_transform = with_pillow_safe_posterize(
+        create_transform(image_size, is_training=True, scale=tuple(s.crop_scale), hflip=hflip, color_jitter=0.0,
+                         auto_augment=s.rand_augment, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
+                         re_prob=s.erase))
     batch = min(s.batch_size, len(train_paths)) // 2 * 2  # Mixup pairs a batch with its flip: an even size
     loader = torch.utils.data.DataLoader(_Folder(train_paths, train_labels, train_transform), batch_size=batch,
                                          shuffle=True, drop_last=True, generator=generator)
