@@ -71,6 +71,19 @@ def test_one_seed_shows_the_difference_without_an_interval_or_a_significance_mar
     assert "(Δ +7.5, no test possible)" in row and "n.s." not in row and "[n/a" not in row
 
 
+def test_values_below_one_keep_three_significant_digits():
+    """A loss or a usage fraction (0.394 against 0.327) must not print as 0.4 against 0.3."""
+    spec = AblationSpec(**(SPEC | {"seeds": [0]}))
+    page, _ = book_page(spec, _records({"base": [0.39394], "better": [0.32698], "worse": [28.83], "same": [0.0],
+                                        "absent": [0.05469]}), command="c", recipe="r")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if " | 1 | " in line}
+    assert "| 0.394 ± n/a |" in rows["base"]
+    assert "0.327 ± n/a (Δ -0.067, no test possible)" in rows["better"]
+    assert "28.8 ± n/a (Δ +28.4, no test possible)" in rows["worse"]
+    assert "0.0 ± n/a (Δ -0.394, no test possible)" in rows["same"]
+    assert "0.0547 ± n/a" in rows["absent"]
+
+
 def test_no_runs_yet_and_the_index(tmp_path):
     spec = AblationSpec(**SPEC)
     page, status = book_page(spec, [], command="c", recipe="r")

@@ -66,8 +66,14 @@ def judge_claim(claim: PaperClaim, table: ReportTable | None) -> Verdict:
     return Verdict(claim, "does not reproduce", f"{interval}: significant in the opposite direction", preliminary)
 
 
-def _fmt(value: float, digits: int = 1) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _fmt(value: float, digits: int = 1, sign: str = "") -> str:
+    """`digits` decimals; a measured value below 1 in size (a loss, a usage fraction) keeps 3 significant digits
+    instead, so that 0.394 against 0.327 does not print as 0.4 against 0.3."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if digits == 1 and 0 < abs(value) < 1:
+        return f"{value:{sign}.3g}"
+    return f"{value:{sign}.{digits}f}"
 
 
 def _measured_cell(table: ReportTable, arm: str, metric: str) -> str:
@@ -77,10 +83,10 @@ def _measured_cell(table: ReportTable, arm: str, metric: str) -> str:
     text = f"{_fmt(cell['mean'])} ± {_fmt(cell['std'])}"
     if arm != table.baseline and not math.isnan(cell["delta"]):
         if math.isnan(cell["ci_low"]):  # e.g. one seed on a side: a difference, no interval
-            text += f" (Δ {cell['delta']:+.1f}, no test possible)"
+            text += f" (Δ {_fmt(cell['delta'], sign='+')}, no test possible)"
         else:
             mark = "" if cell.get("significant") else " n.s."
-            text += f" (Δ {cell['delta']:+.1f} [{_fmt(cell['ci_low'])}, {_fmt(cell['ci_high'])}]{mark})"
+            text += f" (Δ {_fmt(cell['delta'], sign='+')} [{_fmt(cell['ci_low'])}, {_fmt(cell['ci_high'])}]{mark})"
     return text
 
 
