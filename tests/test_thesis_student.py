@@ -94,10 +94,28 @@ def test_one_step_of_the_thesis_objective_trains_every_part(kd):
                else ssmke_mse_loss(out["image_head"], out["text_head"], teacher))
     (kd_loss + multi_layer_clip_loss(out["layers"], out["logit_scales"])).backward()
     for name, param in model.named_parameters():
-        if name.startswith("tte."):
-            continue  # mode "none": the embedding is unused
+        if name.startswith("tte."):  # mode "none": the embedding is unused, and frozen so that DDP accepts it
+            assert not param.requires_grad and param.grad is None, name
+            continue
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     with torch.no_grad():
         model.logit_scales.fill_(10.0)
     model.clamp_logit_scale_()
     torch.testing.assert_close(model.logit_scales.exp(), torch.full((3,), 100.0))
+
+
+@pytest.mark.parametrize("shared", ["mlp", "block"])
+@pytest.mark.parametrize("tte", ["none", "before", "after", "after_ls"])
+def test_every_trainable_parameter_gets_a_gradient_as_ddp_requires(shared, tte):
+    """DDP (find_unused_parameters off) fails at its second step on a trainable parameter that received no
+    gradient: thesis_ddp's 2-rank arm (shared MLP, tte none) died on tte.embedding.weight."""
+    torch.manual_seed(0)
+    model = ThesisStudent(*_towers(), shared=shared, out_dim=WIDTH, heads=2, tte=tte)
+    images, tokens = _batch()
+    out = model(images, tokens)
+    loss = ssmke_mse_loss(out["image_head"], out["text_head"], torch.randn(4, WIDTH))
+    (loss + multi_layer_clip_loss(out["layers"], out["logit_scales"])).backward()
+    missing = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert missing == []
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    assert frozen == (["tte.embedding.weight"] if tte == "none" else [])

@@ -119,6 +119,10 @@ class TokenTypeEmbedding(nn.Module):
             raise ValueError(f"token-type embedding mode={mode!r} is not one of {TTE_MODES}")
         self.mode = mode
         self.embedding = nn.Embedding(len(MODALITIES), dim)
+        # "none" never reads it: frozen, so that DDP (which fails on a trainable parameter without a gradient)
+        # and the optimiser leave it alone. Kept, not dropped: the same random draws initialise the rest of the
+        # model, and checkpoints keep their keys.
+        self.embedding.weight.requires_grad_(mode != "none")
         self.gamma = nn.Parameter(torch.full((dim,), layerscale_init)) if mode == "after_ls" else None
 
     def vector(self, modality: str) -> torch.Tensor:
