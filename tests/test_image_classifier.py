@@ -97,3 +97,42 @@ def test_randaugment_posterize_at_magnitude_10_gives_a_black_image_instead_of_ra
     plain.magnitude = safe.magnitude = 5  # 2 bits kept: the same image from both
     assert list(safe(image).getdata()) == list(plain(image).getdata())
     assert set(safe(image).getdata()) == {(192, 64, 0)}  # 200, 120, 40 keep their top 2 bits
+
+
+def test_one_seed_gives_one_result_whatever_pythons_and_numpys_generators_held(synth_root, tmp_path, vit_teacher,
+                                                                               monkeypatch):
+    """timm's random crops and RandAugment draw from Python's `random`, Mixup from numpy: the classifier seeds both
+    (and gives their states back), so the images it trains on and its scores depend on its seed only."""
+    import random
+
+    import numpy as np
+
+    from alignlab.evaluate import image_classifier
+    from alignlab.experiment import evaluate_trained_model
+
+    tree = image_tree(synth_root, tmp_path, vit_teacher, max_steps=1)
+    tree["eval"] = {"enabled": True, "batch_size": 64,
+                    "image_classifier": {"epochs": 1, "batch_size": 32, "task": "shape", "protocol": "finetune"}}
+    cfg = validate_config(tree)
+    run = train(cfg, tmp_path / "run")
+    seen: list[list[float]] = []
+    original = image_classifier._Folder.__getitem__
+
+    def recording(self, index):
+        image, label = original(self, index)
+        seen[-1].append(float(image.sum()))  # every image the classifier trains and is scored on, in order
+        return image, label
+
+    monkeypatch.setattr(image_classifier._Folder, "__getitem__", recording)
+    scores = []
+    for state in (1, 2):
+        random.seed(state)
+        np.random.seed(state)
+        seen.append([])
+        scores.append(evaluate_trained_model(cfg, run.model, None, tmp_path / f"eval-{state}"))
+        after = (random.random(), float(np.random.rand()))
+        random.seed(state)
+        np.random.seed(state)
+        assert after == (random.random(), float(np.random.rand()))  # the caller's generators are given back
+    assert seen[0] == seen[1] and len(seen[0]) > 0
+    assert scores[0]["image_classifier/top1"] == scores[1]["image_classifier/top1"]

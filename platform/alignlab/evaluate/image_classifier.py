@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
@@ -111,13 +113,28 @@ def with_pillow_safe_posterize(transform):
 def train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageClassifierConfig, image_size: int,
                            eval_transform, *, seed: int = 0, hflip: float = 0.0) -> dict[str, float]:
     """Probe or fine-tune a copy of `encoder` on `task_root/{train,val,test}` (class folders); returns
-    {"top1": test top-1 of the best-val epoch, "val_top1", "best_epoch"} in percent. `encoder` is not changed."""
+    {"top1": test top-1 of the best-val epoch, "val_top1", "best_epoch"} in percent. `encoder` is not changed.
+    One seed, one result: timm's crops and RandAugment draw from Python's `random` and Mixup from numpy's, so
+    both are seeded for the call (and restored after); two evaluations of the same tower differed before."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        return _train_image_classifier(encoder, task_root, settings, image_size, eval_transform, seed=seed,
+                                       hflip=hflip)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageClassifierConfig, image_size: int,
+                            eval_transform, *, seed: int, hflip: float) -> dict[str, float]:
     s = settings
     device = next(encoder.parameters()).device
     train_paths, train_labels, classnames, _ = load_class_folders(task_root, "train")
     splits = {split: load_class_folders(task_root, split)[:2] for split in ("val", "test")}
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # head init, RandAugment, Mixup: one seed, one result
+    torch.manual_seed(seed)  # head init, random erasing
     train_transform = with_pillow_safe_posterize(
         create_transform(image_size, is_training=True, scale=tuple(s.crop_scale), hflip=hflip, color_jitter=0.0,
                          auto_augment=s.rand_augment, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
