@@ -32,8 +32,8 @@ from kfp import local
 from alignlab.ablation import load_spec
 from alignlab.console import TaskConsole, TaskFailed
 from alignlab.ablation_runner import ablation_dir
-from alignlab_pipelines.ablation import dataset_configs, pipeline_for_plans
 from alignlab_components.steps import SERIAL_STEP_THREADS
+from alignlab_pipelines.ablation import dataset_configs, pipeline_for_plans
 from alignlab_pipelines.local_output import capture_task_output
 from alignlab_pipelines.settings import PipelineSettings
 
