@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
@@ -32,6 +30,8 @@ from torch import nn
 from alignlab.data.transforms import CLIP_MEAN, CLIP_STD
 from alignlab.evaluate.datasets import load_class_folders
 from alignlab.task_config import ImageClassifierConfig
+from alignlab.training.builders import seed_everything
+from alignlab.training.checkpoint import rng_state, set_rng_state
 from alignlab.training.optim import build_scheduler, warmup_steps_for
 
 
@@ -115,16 +115,15 @@ def train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageC
     """Probe or fine-tune a copy of `encoder` on `task_root/{train,val,test}` (class folders); returns
     {"top1": test top-1 of the best-val epoch, "val_top1", "best_epoch"} in percent. `encoder` is not changed.
     One seed, one result: timm's crops and RandAugment draw from Python's `random` and Mixup from numpy's, so
-    both are seeded for the call (and restored after); two evaluations of the same tower differed before."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
+    all three generators are seeded for the call (and the caller's states given back after); two evaluations of
+    the same tower differed before."""
+    caller_state = rng_state()
+    seed_everything(seed)
     try:
         return _train_image_classifier(encoder, task_root, settings, image_size, eval_transform, seed=seed,
                                        hflip=hflip)
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        set_rng_state(caller_state)
 
 
 def _train_image_classifier(encoder: nn.Module, task_root: Path, settings: ImageClassifierConfig, image_size: int,
@@ -134,7 +133,6 @@ def _train_image_classifier(encoder: nn.Module, task_root: Path, settings: Image
     train_paths, train_labels, classnames, _ = load_class_folders(task_root, "train")
     splits = {split: load_class_folders(task_root, split)[:2] for split in ("val", "test")}
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # head init, random erasing
     train_transform = with_pillow_safe_posterize(
         create_transform(image_size, is_training=True, scale=tuple(s.crop_scale), hflip=hflip, color_jitter=0.0,
                          auto_augment=s.rand_augment, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
